@@ -1,0 +1,247 @@
+"""The recipe: a typed tree of small configs, one per component.
+
+Every field has a default except where a run cannot guess; cross-field checks live in
+`__post_init__` so a bad recipe fails before any model loads. Messages name the field; the loader
+prefixes the file and the section path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA adapters through peft."""
+
+    r: int = 8
+    """Rank of the adapters."""
+    alpha: int = 16
+    """Scaling numerator (lora_alpha)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names (suffixes) that get adapters."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class TinyModelConfig:
+    """Sizes of the built-in tiny Llava (used when name_or_path is `builtin:tiny-llava`)."""
+
+    patch_size: int = 12
+    """Vision patch side in pixels."""
+    vision_hidden: int = 64
+    """Hidden size of the vision tower."""
+    vision_layers: int = 2
+    """Layers of the vision tower."""
+    text_hidden: int = 128
+    """Hidden size of the text model."""
+    text_layers: int = 2
+    """Layers of the text model."""
+    heads: int = 4
+    """Attention heads."""
+    vocab_size: int = 512
+    """Target BPE vocabulary size."""
+    init_seed: int = 0
+    """Seed of the random initial weights."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The policy VLM and its reference."""
+
+    name_or_path: str = "builtin:tiny-llava"
+    """`builtin:tiny-llava`, a local directory, or a hub id (loaded offline from the local cache)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype of the policy."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    freeze_vision: bool = False
+    """Keep the vision tower (and projector) frozen."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of all weights."""
+    reference: Literal["none", "copy", "adapter_disabled"] = "none"
+    """Reference policy: none, a frozen copy sharded like the policy, or the policy with its LoRA adapter off."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint (off unless the recipe asks)."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Sizes for the built-in tiny model."""
+
+    def __post_init__(self) -> None:
+        if self.reference == "adapter_disabled" and self.lora is None:
+            raise ValueError("reference 'adapter_disabled' needs model.lora to be set")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training and evaluation examples come from."""
+
+    source: Literal["shapes", "local"] = "shapes"
+    """`shapes` (the generated world) or `local` (a dataset on disk, see `path`)."""
+    path: str | None = None
+    """For `local`: a dataset directory (save_to_disk), or a .parquet/.arrow/.jsonl file, or a folder of them."""
+    image_column: str = "image"
+    """Column holding the image (PIL, bytes or a path)."""
+    captions_column: str = "captions"
+    """Column holding the reference captions (list of strings, or one string)."""
+    seed: int = 0
+    """Seed of the shapes world."""
+    image_size: int = 48
+    """Side of the shapes images."""
+    train_size: int = 2000
+    """Number of shapes training images."""
+    val_size: int = 200
+    """Number of shapes validation images."""
+    test_size: int = 200
+    """Number of shapes test images."""
+    prompt: str = ""
+    """Text after the image in the prompt (empty for plain captioning)."""
+    max_response_tokens: int = 48
+    """Responses are cut to this many tokens; image and prompt tokens are never cut."""
+
+    def __post_init__(self) -> None:
+        if self.source == "local" and not self.path:
+            raise ValueError("source 'local' needs data.path")
+        for name in ("train_size", "val_size", "test_size", "max_response_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class XEConfig:
+    """Cross-entropy on reference captions."""
+
+    normalize: Literal["token", "sequence"] = "token"
+    """`token`: mean over all response tokens of the optimizer step; `sequence`: mean of per-caption means."""
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    """Which objective trains the policy, and its settings."""
+
+    name: str = "xe"
+    """Objective name from the registry (see `rlalign ls --objectives`)."""
+    xe: XEConfig = field(default_factory=XEConfig)
+    """Settings of `xe`."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warm-up, to 10% of lr for cosine and linear."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise ValueError("warmup_steps and max_grad_norm must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """The loop: steps, batches, evaluation and checkpoints."""
+
+    output_dir: str = "runs/default"
+    """Run folder: checkpoints, metrics.jsonl, the resolved recipe, the final model."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    per_device_batch_size: int = 8
+    """Examples per process per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    seed: int = 0
+    """Seed of data order and of sampling."""
+    log_every: int = 1
+    """Log metrics every this many steps."""
+    eval_every: int = 50
+    """Validation loss every this many steps (0: only at the end)."""
+    eval_size: int = 200
+    """Validation examples per evaluation."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted."""
+    resume: str = "none"
+    """`none`, `auto` (latest complete checkpoint in output_dir, if any) or a checkpoint path."""
+    num_workers: int = 0
+    """DataLoader workers."""
+    export_final: bool = True
+    """Save the final policy with save_pretrained (+ processor) under output_dir/final."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "per_device_batch_size", "grad_accum_steps", "log_every", "keep_last", "eval_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.save_every < 0 or self.num_workers < 0:
+            raise ValueError("eval_every, save_every and num_workers must be >= 0")
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    """How the run is sharded; normally read from the accelerate launch config."""
+
+    backend: Literal["auto", "single", "ddp", "deepspeed", "fsdp2"] = "auto"
+    """`auto`: what `accelerate launch` set up (DeepSpeed / FSDP config, or DDP when several processes)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision of the forward."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP2: free the gathered parameters after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """Where metrics go besides metrics.jsonl and the console."""
+
+    backend: Literal["wandb", "none"] = "wandb"
+    """`wandb` or `none` (console and metrics.jsonl only)."""
+    project: str = "rlalign"
+    """W&B project."""
+    run_name: str | None = None
+    """W&B run name (default: the output folder's name)."""
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """`auto`: online when WANDB_API_KEY is set, offline otherwise."""
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy and reference models."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """The objective and its settings."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """The loop."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Sharding."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Metrics tracking."""
+    description: str = ""
+    """One line on what the recipe is for."""

@@ -1,0 +1,120 @@
+"""Build the policy VLM (and its reference) from the recipe.
+
+`builtin:tiny-llava` builds the demo model; anything else is a directory or hub id loaded through
+`AutoModelForImageTextToText` + `AutoProcessor` (offline when HF_HUB_OFFLINE=1). Options: dtype,
+gradient checkpointing, a frozen vision tower, LoRA through peft.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+
+from rlalign.config.schema import DataConfig, ModelConfig
+from rlalign.data.shapes import ShapesConfig
+from rlalign.models.tiny import TinyVLMConfig, build_tiny_llava
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TINY = "builtin:tiny-llava"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Submodule names that hold the vision side across the HF families we load.
+VISION_MODULES = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "connector", "merger")
+
+
+def load_base(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torch.nn.Module, Any]:
+    """The bare pretrained (or built-in) model and processor, before LoRA/freezing."""
+    if cfg.name_or_path == BUILTIN_TINY:
+        t = cfg.tiny
+        image_size = data.image_size if data else 48
+        tiny = TinyVLMConfig(
+            image_size=image_size, patch_size=t.patch_size, vision_hidden=t.vision_hidden,
+            vision_layers=t.vision_layers, text_hidden=t.text_hidden, text_layers=t.text_layers,
+            heads=t.heads, vocab_size=t.vocab_size, init_seed=t.init_seed,
+        )  # fmt: skip
+        shapes = ShapesConfig(seed=data.seed if data else 0, image_size=image_size)
+        model, processor = build_tiny_llava(tiny, shapes)
+        return model.to(DTYPES[cfg.dtype]), processor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            cfg.name_or_path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as err:
+        raise OSError(f"model.name_or_path '{cfg.name_or_path}': could not load ({err})") from None
+    return model, processor
+
+
+def vision_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = []
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in VISION_MODULES:
+            params += list(module.parameters())
+    return params
+
+
+def build_policy(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torch.nn.Module, Any]:
+    """The trainable policy: base model + freezing + gradient checkpointing + LoRA, in train mode."""
+    model, processor = load_base(cfg, data)
+    if cfg.freeze_vision:
+        frozen = vision_parameters(model)
+        if not frozen:
+            raise ValueError(f"model.freeze_vision: no vision module found in {type(model).__name__}")
+        for p in frozen:
+            p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+        )
+        model = get_peft_model(model, lora)
+    model.train()
+    return model, processor
+
+
+class ReferenceModel:
+    """The frozen reference policy later objectives score against.
+
+    `copy`: a frozen copy of the initial policy, sharded like it (ZeRO-3 engine / FSDP2).
+    `adapter_disabled`: the policy itself with its LoRA adapter switched off (no extra memory).
+    """
+
+    def __init__(self, mode: str, policy: torch.nn.Module, runtime: Any):
+        self.mode = mode
+        self.policy = policy
+        self.runtime = runtime
+        self.model: torch.nn.Module | None = None
+        self.forward_calls = 0
+
+    @classmethod
+    def build(cls, mode: str, initial_policy: torch.nn.Module, runtime: Any) -> ReferenceModel:
+        """Call before the policy is prepared: `copy` snapshots the initial weights."""
+        ref = cls(mode, initial_policy, runtime)
+        if mode == "copy":
+            ref.model = runtime.prepare_frozen(copy.deepcopy(runtime.unwrap(initial_policy)))
+        return ref
+
+    def attach(self, prepared_policy: torch.nn.Module) -> None:
+        self.policy = prepared_policy
+
+    @torch.no_grad()
+    def __call__(self, **inputs: torch.Tensor) -> Any:
+        self.forward_calls += 1
+        if self.mode == "copy":
+            return self.model(**inputs)
+        if self.mode == "adapter_disabled":
+            with self.runtime.unwrap(self.policy).disable_adapter():
+                return self.policy(**inputs)
+        raise RuntimeError("model.reference is 'none': this objective needs a reference model")

@@ -1,0 +1,198 @@
+"""The Accelerate loop: the same code under single process, DDP, ZeRO-2/3 and FSDP2.
+
+It knows the objective interface, never which objective runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from rlalign.config import Recipe, dump_recipe, recipe_to_dict
+from rlalign.data.captions import CaptionPairs, load_split
+from rlalign.data.collate import SFTCollator
+from rlalign.models.builder import ReferenceModel, build_policy
+from rlalign.objectives import build_objective
+from rlalign.objectives.xe import model_inputs, token_nll
+from rlalign.tracking import make_tracker, wandb_mode
+from rlalign.trainer.checkpoint import Checkpointer, TrainState
+from rlalign.trainer.data import eval_shard, step_loader
+from rlalign.trainer.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class Preemption:
+    """SIGTERM (a preempted job) asks the loop to checkpoint and exit cleanly at the next step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+        self.requested = True
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LambdaLR:
+    o, total = recipe.optim, recipe.trainer.max_steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        if o.scheduler == "linear":
+            return 1.0 - 0.9 * progress
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_step(model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm) -> dict:
+    """One optimizer step over `window` (this rank's micro-batches); metrics are global means."""
+    counts = torch.tensor([sum(objective.count_items(b) for b in window)], dtype=torch.float64)
+    items_per_micro = float(runtime.all_reduce(counts)) / (len(window) * runtime.world_size)
+    sums: dict[str, float] = {}
+    tokens = samples = 0
+    for batch in window:
+        batch = {k: v.to(runtime.device) for k, v in batch.items()}
+        with runtime.accumulate(model):
+            loss, metrics = objective.loss(model, batch, items_per_micro=items_per_micro, reference=reference)
+            runtime.backward(loss)
+            if runtime.sync_gradients:
+                grad_norm = runtime.clip_grad_norm(model, max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        tokens += int(batch["attention_mask"].sum())
+        samples += batch["input_ids"].shape[0]
+    keys = sorted(sums)
+    totals = runtime.all_reduce(torch.tensor([sums[k] for k in keys] + [tokens, samples], dtype=torch.float64))
+    out = {k: float(totals[i]) / (len(window) * runtime.world_size) for i, k in enumerate(keys)}
+    out.update(grad_norm=grad_norm, tokens=float(totals[-2]), samples=float(totals[-1]))
+    return out
+
+
+@torch.no_grad()
+def evaluate_nll(model, dataset, collate, runtime: Runtime, size: int, batch_size: int) -> float:
+    """Mean token NLL of the reference captions on `size` validation pairs, sharded over ranks."""
+    picks = [k * len(dataset) // size for k in range(min(size, len(dataset)))]
+    idx, weights = eval_shard(len(picks), runtime.world_size, runtime.rank)
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, len(idx), batch_size):
+        rows = [dataset[picks[i]] for i in idx[start : start + batch_size]]
+        w = torch.tensor(weights[start : start + batch_size])
+        batch = {k: v.to(runtime.device) for k, v in collate(rows).items()}
+        nll_BT, mask_BT = token_nll(model(**model_inputs(batch)).logits, batch["labels"])
+        total += torch.stack([(nll_BT.sum(1).cpu() * w).sum(), (mask_BT.sum(1).cpu() * w).sum()]).double()
+    model.train()
+    total = runtime.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def export_final(model, processor, runtime: Runtime, recipe: Recipe, out: Path) -> None:
+    """A plain HF checkpoint (config + safetensors + processor) any `from_pretrained` loads."""
+    from rlalign.trainer.checkpoint import _save_tensors
+
+    ckpt = Checkpointer(out.parent, runtime, 1)
+    state = ckpt._model_state(model)
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        bare = runtime.unwrap(model)
+        if recipe.model.lora is not None:
+            from rlalign.models.builder import load_base
+
+            base, _ = load_base(recipe.model, recipe.data)
+            merged, _ = build_policy(recipe.model, recipe.data)
+            merged.load_state_dict(state)
+            bare, state = base, merged.merge_and_unload().state_dict()
+        bare.config.save_pretrained(out)
+        bare.generation_config.save_pretrained(out)
+        _save_tensors(state, out / "model.safetensors")
+        processor.save_pretrained(out)
+        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    runtime.barrier()
+
+
+def train(recipe: Recipe) -> Path:
+    """Run a recipe to its end (or to a SIGTERM); returns the output folder."""
+    t = recipe.trainer
+    out = Path(t.output_dir)
+    runtime = Runtime.create(recipe.distributed, grad_accum_steps=t.grad_accum_steps,
+                             log_with="wandb" if wandb_mode(recipe.tracking) else None)  # fmt: skip
+    set_seed(t.seed)
+    policy, processor = build_policy(recipe.model, recipe.data)
+    objective = build_objective(recipe)
+    reference = ReferenceModel.build(recipe.model.reference, policy, runtime)
+    train_set = CaptionPairs(load_split(recipe.data, "train"), recipe.data.prompt)
+    val_set = CaptionPairs(load_split(recipe.data, "val"), recipe.data.prompt)
+    collate = SFTCollator(processor, recipe.data.max_response_tokens)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=recipe.optim.lr,
+                                  betas=tuple(recipe.optim.betas), eps=recipe.optim.eps,
+                                  weight_decay=recipe.optim.weight_decay)  # fmt: skip
+    scheduler = make_scheduler(optimizer, recipe)
+    model, optimizer = runtime.prepare(policy, optimizer, micro_batch_size=t.per_device_batch_size)
+    reference.attach(model)
+    ckpt = Checkpointer(out, runtime, t.keep_last)
+    ckpt.clean_partial()
+    resume_from = ckpt.resolve(t.resume)
+    state = TrainState(world_size=runtime.world_size, engine=runtime.engine)
+    if resume_from is not None:
+        state = ckpt.load(resume_from, model, optimizer, scheduler)
+    tracker = make_tracker(recipe.tracking, out, runtime.accelerator, recipe_to_dict(recipe))
+    tracker.truncate_after(state.step)
+    if runtime.is_main:
+        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+        log.info("engine %s, world size %d, %d train pairs", runtime.engine, runtime.world_size, len(train_set))
+    loader = step_loader(train_set, collate, micro=t.per_device_batch_size, world=runtime.world_size,
+                         rank=runtime.rank, accum=t.grad_accum_steps, seed=t.seed, start_step=state.step,
+                         end_step=t.max_steps, num_workers=t.num_workers)  # fmt: skip
+    if resume_from is not None:
+        ckpt.restore_rng(resume_from)
+    preemption = Preemption()
+    batches = iter(loader)
+    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
+                  TimeRemainingColumn(), disable=not runtime.is_main) as bar:  # fmt: skip
+        task = bar.add_task("train", total=t.max_steps, completed=state.step, info="")
+        while state.step < t.max_steps:
+            started = time.perf_counter()
+            window = [next(batches) for _ in range(t.grad_accum_steps)]
+            m = train_step(model, objective, window, optimizer, scheduler, runtime, reference, recipe.optim.max_grad_norm)
+            state.step += 1
+            state.samples_seen += int(m["samples"])
+            elapsed = time.perf_counter() - started
+            m.update(lr=scheduler.get_last_lr()[0], samples_per_s=m.pop("samples") / elapsed,
+                     tokens_per_s=m.pop("tokens") / elapsed, step_time_s=elapsed)  # fmt: skip
+            last = state.step == t.max_steps
+            if (t.eval_every and state.step % t.eval_every == 0) or last:
+                m["val/loss"] = evaluate_nll(model, val_set, collate, runtime, t.eval_size, t.per_device_batch_size)
+            if state.step % t.log_every == 0 or last or "val/loss" in m:
+                tracker.log(m, state.step)
+            bar.update(task, completed=state.step, info=f"loss {m['loss']:.4f}")
+            stop = runtime.any(preemption.requested)
+            if (t.save_every and state.step % t.save_every == 0) or last or stop:
+                ckpt.save(model, optimizer, scheduler, state, dump_recipe(recipe))
+            if stop:
+                log.warning("stopped by SIGTERM at step %d; checkpoint written", state.step)
+                break
+    preemption.close()
+    if state.step == t.max_steps and t.export_final:
+        export_final(model, processor, runtime, recipe, out / "final")
+    tracker.finish()
+    return out

@@ -1,0 +1,244 @@
+"""One place for rank logic and sharding: DDP, DeepSpeed ZeRO-2/3 and FSDP2 behind one object.
+
+The backend is what `accelerate launch` set up (its config file in `launch/`) unless the recipe
+names one. Three departures from a plain `Accelerator()`, each because the plain path silently
+falls back on CPU (see NOTES-ENV): DDP on CPU needs `cpu=True`; DeepSpeed on CPU needs a gloo
+process group (not `cpu=True`, which drops DeepSpeed); FSDP2 is applied here with torch's
+`fully_shard` on every backend, because accelerate's FSDP plugin leaves the model unwrapped over
+gloo. The trainer and objectives only see `Runtime`; ZeRO-3 / FSDP2 full-parameter access hides
+behind `full_parameters()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from rlalign.config.schema import DistributedConfig
+
+log = logging.getLogger(__name__)
+
+_FSDP_ENV = [k for k in os.environ if k.startswith("FSDP_")] + ["ACCELERATE_USE_FSDP"]
+
+
+def detect_backend(cfg: DistributedConfig) -> str:
+    """`single`, `ddp`, `deepspeed` or `fsdp2`, from the recipe or the launcher's environment."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp2"
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+@dataclass
+class Runtime:
+    accelerator: Accelerator
+    backend: str
+    """`single`, `ddp`, `deepspeed` or `fsdp2` (what was asked for)."""
+    cfg: DistributedConfig
+    grad_accum_steps: int
+
+    @classmethod
+    def create(cls, cfg: DistributedConfig, *, grad_accum_steps: int = 1, log_with: str | None = None) -> Runtime:
+        backend = detect_backend(cfg)
+        cuda = torch.cuda.is_available()
+        kwargs: dict[str, Any] = {
+            "gradient_accumulation_steps": grad_accum_steps,
+            "mixed_precision": cfg.mixed_precision,
+            "log_with": log_with,
+        }
+        if backend == "deepspeed":
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+            if not cuda:
+                import deepspeed.ops
+
+                # The shared-memory comm op would be compiled on first CPU use (~45 s); gloo does the job.
+                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+                kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        else:
+            for key in _FSDP_ENV:  # FSDP2 is applied by `prepare`, not by accelerate's plugin
+                os.environ.pop(key, None)
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+            kwargs["cpu"] = not cuda
+        accelerator = Accelerator(**kwargs)
+        if backend == "ddp" and accelerator.num_processes == 1:
+            backend = "single"
+        return cls(accelerator=accelerator, backend=backend, cfg=cfg, grad_accum_steps=grad_accum_steps)
+
+    # -- who am I -------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def zero_stage(self) -> int:
+        if self.backend != "deepspeed":
+            return 0
+        return int(self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def engine(self) -> str:
+        """What really runs: single, ddp, zero1/2/3 or fsdp2."""
+        return f"zero{self.zero_stage}" if self.backend == "deepspeed" else self.backend
+
+    # -- preparing ------------------------------------------------------------------------------
+    def prepare(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, micro_batch_size: int
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        if self.backend == "fsdp2":
+            shard_fsdp2(model, self.world_size, self.device, reshard=self.cfg.fsdp_reshard_after_forward,
+                        mixed_precision=self.cfg.mixed_precision)
+            return model, optimizer
+        if self.backend == "deepspeed":
+            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+            ds["train_batch_size"] = micro_batch_size * self.world_size * self.grad_accum_steps
+            ds["gradient_accumulation_steps"] = self.grad_accum_steps
+        return self.accelerator.prepare(model, optimizer)
+
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen model (the reference) sharded like the policy, in eval mode."""
+        model.requires_grad_(False).eval()
+        if self.backend == "fsdp2":
+            shard_fsdp2(model, self.world_size, self.device, reshard=True, mixed_precision=self.cfg.mixed_precision)
+            return model
+        if self.backend == "deepspeed" and self.zero_stage == 3:
+            import deepspeed
+
+            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            config = {
+                "train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                "bf16": ds.get("bf16", {"enabled": False}),
+                "fp16": ds.get("fp16", {"enabled": False}),
+            }
+            engine, *_ = deepspeed.initialize(model=model, config=config)
+            engine.eval()
+            return engine
+        return model.to(self.device)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model) if self.backend != "fsdp2" else model
+
+    # -- steps ----------------------------------------------------------------------------------
+    def accumulate(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return self.accelerator.accumulate(model)
+
+    @property
+    def sync_gradients(self) -> bool:
+        return self.accelerator.sync_gradients
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> float:
+        """Clip and return the global gradient norm (DeepSpeed clips inside its step)."""
+        if self.backend == "deepspeed":
+            norm = model.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        params = [p for p in model.parameters() if p.grad is not None]
+        if self.backend == "fsdp2":
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if max_norm > 0:
+            return float(self.accelerator.clip_grad_norm_(params, max_norm))
+        return float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+
+    @contextlib.contextmanager
+    def full_parameters(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Every parameter whole on every rank for the duration (ZeRO-3 gather / FSDP2 unshard), once."""
+        if self.backend == "deepspeed" and self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+                yield model
+        elif self.backend == "fsdp2":
+            from torch.distributed.fsdp import FSDPModule
+
+            modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+            for m in modules:
+                m.unshard()
+            try:
+                yield model
+            finally:
+                for m in modules:
+                    m.reshard()
+        else:
+            yield model
+
+    # -- collectives ----------------------------------------------------------------------------
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or max) of a float64 tensor over ranks, on CPU or GPU alike."""
+        if self.world_size == 1:
+            return values
+        t = values.to(self.device, torch.float64 if self.device.type == "cpu" else torch.float32)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t.to("cpu", torch.float64)
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.all_reduce(torch.tensor([float(flag)]), op="max").item() > 0)
+
+    def local_param_fraction(self, model: torch.nn.Module) -> float:
+        """Share of all parameter elements this rank holds (≈ 1/world under ZeRO-3 and FSDP2)."""
+        held = total = 0
+        for p in model.parameters():
+            if hasattr(p, "ds_numel"):
+                held, total = held + p.ds_tensor.numel(), total + p.ds_numel
+            elif hasattr(p, "to_local"):
+                held, total = held + p.to_local().numel(), total + p.numel()
+            else:
+                held, total = held + p.numel(), total + p.numel()
+        return held / max(total, 1)
+
+    def model_kind(self, model: torch.nn.Module) -> str:
+        """Class name of the wrapper the model really runs in (a silent fallback shows here)."""
+        if self.backend == "fsdp2":
+            from torch.distributed.fsdp import FSDPModule
+
+            return "FSDPModule" if isinstance(model, FSDPModule) else type(model).__name__
+        return type(model).__name__
+
+
+def shard_fsdp2(
+    model: torch.nn.Module, world_size: int, device: torch.device, *, reshard: bool, mixed_precision: str
+) -> None:
+    """`fully_shard` every transformer block named in `_no_split_modules`, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.to(device)
+    mesh = init_device_mesh(device.type, (world_size,))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    log.info("FSDP2: sharded %d blocks + root over %d ranks", len(blocks), world_size)
