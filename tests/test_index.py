@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import faiss
@@ -245,7 +246,7 @@ def _clustered(n=20_000, n_q=500, dim=64, clusters=200, seed=0):
 def test_ann_recall_on_clustered_data(metric, config, threshold):
     x, q, ids = _clustered()
     _, exact = VectorIndex.build(x, ids, IndexConfig(metric=metric)).search(q, 10)
-    config = IndexConfig(**{**config.__dict__, "metric": metric})
+    config = dataclasses.replace(config, metric=metric)
     index = VectorIndex.build(x, ids, config)
     recall = recall_at_k(index.search(q, 10)[1], exact)
     if config.kind == "ivf":

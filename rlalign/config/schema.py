@@ -207,6 +207,8 @@ class DistributedConfig:
     """`auto`: what `accelerate launch` set up (DeepSpeed / FSDP config, or DDP when several processes)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision of the forward."""
+    find_unused_parameters: bool = True
+    """DDP: tolerate parameters without gradient (VLMs often skip the vision tower's last layer or norm)."""
     fsdp_reshard_after_forward: bool = True
     """FSDP2: free the gathered parameters after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
 

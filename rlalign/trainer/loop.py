@@ -137,17 +137,20 @@ def train(recipe: Recipe) -> Path:
     runtime = Runtime.create(recipe.distributed, grad_accum_steps=t.grad_accum_steps,
                              log_with="wandb" if wandb_mode(recipe.tracking) else None)  # fmt: skip
     set_seed(t.seed)
-    policy, processor = build_policy(recipe.model, recipe.data)
+    with runtime.model_init():
+        policy, processor = build_policy(recipe.model, recipe.data)
     objective = build_objective(recipe)
     reference = ReferenceModel.build(recipe.model.reference, policy, runtime)
     train_set = CaptionPairs(load_split(recipe.data, "train"), recipe.data.prompt)
     val_set = CaptionPairs(load_split(recipe.data, "val"), recipe.data.prompt)
     collate = SFTCollator(processor, recipe.data.max_response_tokens)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=recipe.optim.lr,
-                                  betas=tuple(recipe.optim.betas), eps=recipe.optim.eps,
-                                  weight_decay=recipe.optim.weight_decay)  # fmt: skip
-    scheduler = make_scheduler(optimizer, recipe)
-    model, optimizer = runtime.prepare(policy, optimizer, micro_batch_size=t.per_device_batch_size)
+    o = recipe.optim
+    model, optimizer, scheduler = runtime.prepare(
+        policy,
+        lambda params: torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay),
+        lambda optimizer: make_scheduler(optimizer, recipe),
+        micro_batch_size=t.per_device_batch_size,
+    )
     reference.attach(model)
     ckpt = Checkpointer(out, runtime, t.keep_last)
     ckpt.clean_partial()

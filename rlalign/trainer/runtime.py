@@ -14,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from rlalign.config.schema import DistributedConfig
 
@@ -71,6 +71,7 @@ class Runtime:
                 os.environ.pop(key, None)
             os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
             kwargs["cpu"] = not cuda
+            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)]
         accelerator = Accelerator(**kwargs)
         if backend == "ddp" and accelerator.num_processes == 1:
             backend = "single"
@@ -105,19 +106,41 @@ class Runtime:
         return f"zero{self.zero_stage}" if self.backend == "deepspeed" else self.backend
 
     # -- preparing ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def model_init(self) -> Iterator[None]:
+        """Build models whole on every rank: transformers' ZeRO-3 init (on whenever the DeepSpeed
+        config says stage 3) breaks random-weight builds; `deepspeed.initialize` partitions later."""
+        if self.backend != "deepspeed":
+            yield
+            return
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
     def prepare(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, micro_batch_size: int
-    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        self, model: torch.nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer],
+        make_scheduler: Callable[[torch.optim.Optimizer], Any], *, micro_batch_size: int,
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:  # fmt: skip
+        """Shard the model, then build the optimizer over the parameters that really train
+        (FSDP2 replaces parameters with DTensors) and the scheduler over the bare optimizer."""
         if self.backend == "fsdp2":
             shard_fsdp2(model, self.world_size, self.device, reshard=self.cfg.fsdp_reshard_after_forward,
-                        mixed_precision=self.cfg.mixed_precision)
-            return model, optimizer
+                        mixed_precision=self.cfg.mixed_precision)  # fmt: skip
+            optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+            return model, optimizer, make_scheduler(optimizer)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        scheduler = make_scheduler(optimizer)
         if self.backend == "deepspeed":
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = micro_batch_size
             ds["train_batch_size"] = micro_batch_size * self.world_size * self.grad_accum_steps
             ds["gradient_accumulation_steps"] = self.grad_accum_steps
-        return self.accelerator.prepare(model, optimizer)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        return model, optimizer, scheduler
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen model (the reference) sharded like the policy, in eval mode."""
