@@ -149,9 +149,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
             raise RecipeError(f"{path}: unknown key{hint}")
         kwargs[key] = _convert(value, hints[key], path)
     for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in kwargs:
-            raise RecipeError(f"{where + '.' if where else ''}{name}: missing required key")
+            raise RecipeError(f"{path}: missing required key")
+        if name not in kwargs and dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], {}, path)  # so required keys inside an absent section are named
     try:
         return cls(**kwargs)
     except ValueError as err:

@@ -164,8 +164,8 @@ class OptimConfig:
 class TrainerConfig:
     """The loop: steps, batches, evaluation and checkpoints."""
 
-    output_dir: str = "runs/default"
-    """Run folder: checkpoints, metrics.jsonl, the resolved recipe, the final model."""
+    output_dir: str
+    """Run folder (required): checkpoints, metrics.jsonl, the resolved recipe, the final model."""
     max_steps: int = 100
     """Optimizer steps."""
     per_device_batch_size: int = 8

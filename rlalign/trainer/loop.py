@@ -5,6 +5,7 @@ It knows the objective interface, never which objective runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -73,6 +74,7 @@ def train_step(model, objective, window, optimizer, scheduler, runtime, referenc
             loss, metrics = objective.loss(model, batch, items_per_micro=items_per_micro, reference=reference)
             runtime.backward(loss)
             if runtime.sync_gradients:
+                lr = scheduler.get_last_lr()[0]
                 grad_norm = runtime.clip_grad_norm(model, max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -84,7 +86,7 @@ def train_step(model, objective, window, optimizer, scheduler, runtime, referenc
     keys = sorted(sums)
     totals = runtime.all_reduce(torch.tensor([sums[k] for k in keys] + [tokens, samples], dtype=torch.float64))
     out = {k: float(totals[i]) / (len(window) * runtime.world_size) for i, k in enumerate(keys)}
-    out.update(grad_norm=grad_norm, tokens=float(totals[-2]), samples=float(totals[-1]))
+    out.update(grad_norm=grad_norm, lr=lr, tokens=float(totals[-2]), samples=float(totals[-1]))
     return out
 
 
@@ -130,6 +132,18 @@ def export_final(model, processor, runtime: Runtime, recipe: Recipe, out: Path) 
     runtime.barrier()
 
 
+def write_run_info(out: Path, runtime: Runtime, model: torch.nn.Module) -> None:
+    """What really runs (engine, wrapper class, share of parameters per rank): a silent fallback shows here."""
+    fractions = torch.zeros(runtime.world_size, dtype=torch.float64)
+    fractions[runtime.rank] = runtime.local_param_fraction(model)
+    fractions = runtime.all_reduce(fractions)
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        info = {"engine": runtime.engine, "world_size": runtime.world_size, "model_class": runtime.model_kind(model),
+                "param_fraction_per_rank": fractions.tolist(), "device": str(runtime.device)}  # fmt: skip
+        (out / "run_info.json").write_text(json.dumps(info, indent=1))
+
+
 def train(recipe: Recipe) -> Path:
     """Run a recipe to its end (or to a SIGTERM); returns the output folder."""
     t = recipe.trainer
@@ -160,6 +174,7 @@ def train(recipe: Recipe) -> Path:
         state = ckpt.load(resume_from, model, optimizer, scheduler)
     tracker = make_tracker(recipe.tracking, out, runtime.accelerator, recipe_to_dict(recipe))
     tracker.truncate_after(state.step)
+    write_run_info(out, runtime, model)
     if runtime.is_main:
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
         log.info("engine %s, world size %d, %d train pairs", runtime.engine, runtime.world_size, len(train_set))
@@ -180,7 +195,7 @@ def train(recipe: Recipe) -> Path:
             state.step += 1
             state.samples_seen += int(m["samples"])
             elapsed = time.perf_counter() - started
-            m.update(lr=scheduler.get_last_lr()[0], samples_per_s=m.pop("samples") / elapsed,
+            m.update(samples_per_s=m.pop("samples") / elapsed,
                      tokens_per_s=m.pop("tokens") / elapsed, step_time_s=elapsed)  # fmt: skip
             last = state.step == t.max_steps
             if (t.eval_every and state.step % t.eval_every == 0) or last:

@@ -1,0 +1,64 @@
+"""Shared helpers: run the real CLI and the real launcher in subprocesses, read what runs wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = "recipes/test/tiny-xe.yaml"
+
+
+def make_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
+               PYTHONUNBUFFERED="1")  # fmt: skip
+    env.pop("WANDB_API_KEY", None)
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], *, env: dict | None = None, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or make_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def rlalign(*args: str, **kw) -> subprocess.CompletedProcess:
+    return run([str(BIN / "rlalign"), *args], **kw)
+
+
+def launch_cmd(config: str, nproc: int, *args: str, port: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    return [str(BIN / "accelerate"), "launch", "--config_file", f"launch/{config}", "--num_processes", str(nproc),
+            "--main_process_port", str(port or free_port()), *extra, "-m", "rlalign.cli", "train", *args]  # fmt: skip
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def losses(out: Path) -> list[float]:
+    return [m["loss"] for m in metrics(out)]
+
+
+@pytest.fixture(scope="session")
+def single_run(tmp_path_factory) -> Path:
+    """The single-process reference: tiny recipe, global batch 4, 5 steps."""
+    out = tmp_path_factory.mktemp("single")
+    rlalign("train", TINY, f"trainer.output_dir={out}", "trainer.per_device_batch_size=4")
+    return out
