@@ -22,15 +22,16 @@ Where this departs from pycocoevalcap's `Cider`:
   `text.normalize`) and split on whitespace, like pycocoevalcap. They must not contain NUL, which
   we reserve as the sentence separator.
 
-Speed comes from never looping in Python over n-grams: words become integer ids, n-grams of order
-k become integer keys (id of the (k-1)-gram prefix * vocabulary size + last word), one argsort per
-order groups them into (sentence, n-gram) counts, and the clipped products are a sorted-key join
-followed by `np.bincount`.
+Speed comes from never looping in Python over n-grams: one str.split() and one dict lookup per
+word turn the corpus into integer ids; an n-gram of order k becomes an integer key (label of its
+(k-1)-gram prefix * vocabulary size + last word id); one np.sort per order groups the keys into
+(sentence, n-gram) counts; the clipped products are a sorted-key join (np.searchsorted) followed
+by np.bincount. Large temporaries are kept few, as fresh memory is costly to fault in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -74,7 +75,6 @@ class _Order:
     """The n-grams of one order in a set of sentences; entries sorted by (label, sentence)."""
 
     keys: np.ndarray  # [U] sorted unique keys of the n-grams present
-    cid: np.ndarray  # [T] label of the n-gram starting at each token; junk where none starts
     sent: np.ndarray  # [E] sentence of each (sentence, n-gram) entry
     gid: np.ndarray  # [E] label of the entry's n-gram
     tf: np.ndarray  # [E] count of the n-gram in the sentence
@@ -86,8 +86,8 @@ def _count_ngrams(
     n: int,
     base: int,
     relabel: Callable[[int, np.ndarray], np.ndarray] | None = None,
-) -> list[_Order]:
-    """(sentence, n-gram) counts for orders 1..n.
+) -> Iterator[_Order]:
+    """(sentence, n-gram) counts for orders 1..n, one order at a time.
 
     The key of a (k+1)-gram is label(its k-gram prefix) * base + id(last word); `base` exceeds every
     word id, so keys are unique per order and a unigram's key is its word id. An n-gram's label is
@@ -96,40 +96,60 @@ def _count_ngrams(
     sentence's tokens are contiguous: one np.sort per order does all the grouping.
     """
     n_tok = ids.size
-    sent_of_tok = np.repeat(np.arange(lengths.size), lengths)
-    remaining = np.repeat(np.cumsum(lengths), lengths) - np.arange(n_tok)  # tokens left from i on
-    orders: list[_Order] = []
-    key_bound = base
+    sent_of_tok = np.repeat(np.arange(lengths.size, dtype=np.int32), lengths)
+    remaining = np.repeat(np.cumsum(lengths), lengths)  # tokens left in the sentence from i on
+    remaining -= np.arange(n_tok)
+    cid = np.zeros(n_tok, np.int64)  # label of the n-gram of the previous order at each token
+    label_bound = 1  # keys of order 1 (word ids) are below base
+    shift = max(n_tok - 1, 0).bit_length()  # bits for a token position
     for k in range(n):
         pos = np.flatnonzero(remaining > k)
         if pos.size == 0:
             empty = np.zeros(0, np.int64)
-            orders.append(_Order(empty, np.zeros(n_tok, np.int64), empty, empty, empty))
+            yield _Order(empty, empty, empty, empty)
             continue
-        key = ids[pos] if k == 0 else orders[-1].cid[pos] * base + ids[pos + k]
-        if key_bound * n_tok < _INT64_LIMIT:  # pack (key, position) into one int64: sort, not argsort
-            packed = np.sort(key * n_tok + pos)
-            key = packed // n_tok
-            pos = packed - key * n_tok
+        if k == 0:
+            key = ids[pos]
+        else:
+            key = cid[pos]
+            key *= base
+            key += ids[k:][pos]
+        if (label_bound * base) << shift < _INT64_LIMIT:  # pack (key, position) in one int64: no argsort
+            key <<= shift
+            key |= pos
+            key.sort()
+            pos = key & (1 << shift) - 1
+            key >>= shift
         else:  # huge corpus and vocabulary
             o = np.lexsort((pos, key))
             key, pos = key[o], pos[o]
         sent = sent_of_tok[pos]
         new_key = np.ones(key.size, bool)
         np.not_equal(key[1:], key[:-1], out=new_key[1:])
-        label = np.cumsum(new_key) - 1
+        label = np.cumsum(new_key)
+        label -= 1
         uniq = key[new_key]
         if relabel is not None:
             label = relabel(k, uniq)[label]
-        cid = np.empty(n_tok, np.int64)
-        cid[pos] = label
-        new_entry = new_key
-        new_entry[1:] |= sent[1:] != sent[:-1]
-        starts = np.flatnonzero(new_entry)
-        tf = np.diff(np.append(starts, key.size))
-        orders.append(_Order(uniq, cid, sent[starts], label[starts], tf))
-        key_bound = (int(label[-1]) + 1 if relabel is None else int(label.max()) + 1) * base
-    return orders
+        cid[pos] = label  # entries at tokens where no n-gram of this order starts are stale, unread
+        new_key[1:] |= sent[1:] != sent[:-1]  # now: a new (n-gram, sentence) entry starts here
+        starts = np.flatnonzero(new_key)
+        tf = np.diff(starts, append=key.size).astype(np.int32)
+        label_bound = int(label.max()) + 1
+        yield _Order(uniq, sent[starts], label[starts], tf)
+
+
+@dataclass(frozen=True)
+class _RefOrder:
+    """Cached references, one n-gram order. Rows: (n-gram, image) pairs; entries: (n-gram, ref)."""
+
+    keys: np.ndarray  # [U] sorted n-gram keys; an n-gram's gid is its index here
+    weight: np.ndarray  # [U] log N - log max(1, df)
+    row_key: np.ndarray  # [J] sorted gid * num_images + image
+    row_start: np.ndarray  # [J + 1] first entry of each row, then E: one entry per reference of
+    # the image holding the n-gram
+    entry_sent: np.ndarray  # [E] reference sentence of the entry (int32)
+    entry_tf: np.ndarray  # [E] count of the n-gram in it (int32)
 
 
 class CachedCiderD:
@@ -143,143 +163,126 @@ class CachedCiderD:
         if not refs:
             raise ValueError("CachedCiderD needs at least one image with references")
         self.n, self.sigma = n, sigma
-        image_ids = list(refs)
-        self._index = {iid: i for i, iid in enumerate(image_ids)}
-        counts = np.array([len(refs[iid]) for iid in image_ids], np.int64)
+        self._index = {iid: i for i, iid in enumerate(refs)}
+        counts = np.fromiter(map(len, refs.values()), np.int64, len(refs))
         if (counts == 0).any():
-            raise ValueError(f"image id {image_ids[int(np.argmin(counts))]!r} has no references")
-        sents = [r for iid in image_ids for r in refs[iid]]
+            raise ValueError(f"image id {list(refs)[int(np.argmin(counts))]!r} has no references")
         self._vocab = _Vocab({_SEP: 0})
-        ids, lengths = _encode(sents, self._vocab)
-        n_img = len(image_ids)
+        ids, lengths = _encode([r for rs in refs.values() for r in rs], self._vocab)
+        self._base = len(self._vocab)  # every reference word id is below it
         self._ref_count, self._ref_start = counts, np.cumsum(counts) - counts
-        self._ref_len_words = lengths
+        self._ref_len = lengths
+        n_img = len(refs)
         self.log_n = float(np.log(float(n_img)))  # pycocoevalcap's `ref_len`
         img_of_sent = np.repeat(np.arange(n_img), counts)
-
-        tables, weights, norm2 = [], [], np.zeros(len(sents) * n)
-        join_keys, join_start, entry_sent, entry_val = [], [], [], []
-        offset = n_entries = 0
-        self._base = len(self._vocab)  # word ids of the references are < base
-        for k, order in enumerate(_count_ngrams(ids, lengths, n, base=self._base)):
+        norm2 = np.zeros((lengths.size, n))
+        self._orders: list[_RefOrder] = []
+        for k, order in enumerate(_count_ngrams(ids, lengths, n, self._base)):
+            # entries run by (gid, sentence), sentences by image: the first entry of each
+            # (n-gram, image) pair counts one document for df, and starts one row
             img = img_of_sent[order.sent]
-            # entries run by (gid, sentence) and sentences by image: the first entry of each
-            # (n-gram, image) pair counts one document for df, and starts one join-table row
-            first = np.ones(order.sent.size, bool)
+            first = np.ones(img.size, bool)
             first[1:] = (order.gid[1:] != order.gid[:-1]) | (img[1:] != img[:-1])
-            df = np.bincount(order.gid[first], minlength=order.keys.size)
-            w = self.log_n - np.log(np.maximum(1.0, df))
-            val = order.tf * w[order.gid]
-            norm2 += np.bincount(order.sent * n + k, val * val, minlength=norm2.size)
-            tables.append(order.keys)
-            weights.append(w)
-            join_keys.append((order.gid[first] + offset) * n_img + img[first])
-            join_start.append(np.flatnonzero(first) + n_entries)
-            entry_sent.append(order.sent)
-            entry_val.append(val)
-            offset += order.keys.size
-            n_entries += order.sent.size
-        self._tables, self._offsets = tables, np.cumsum([0] + [t.size for t in tables[:-1]])
-        self._weights = np.concatenate(weights)
-        self._ref_norm = np.sqrt(norm2).reshape(len(sents), n)
-        self._join_keys = np.concatenate(join_keys)  # sorted: gid offsets grow with the order
-        self._join_start = np.concatenate(join_start)
-        self._join_count = np.diff(np.append(self._join_start, n_entries))
-        self._entry_sent = np.concatenate(entry_sent)
-        self._entry_val = np.concatenate(entry_val)
+            rows = np.flatnonzero(first)
+            df = np.bincount(order.gid[rows], minlength=order.keys.size)
+            weight = self.log_n - np.log(np.maximum(1.0, df))
+            val = weight[order.gid]
+            val *= order.tf
+            norm2[:, k] = np.bincount(order.sent, val * val, minlength=lengths.size)
+            row_key = order.gid[rows] * n_img + img[rows]
+            row_start = np.append(rows, img.size).astype(np.int32 if img.size < 2**31 else np.int64)
+            self._orders.append(_RefOrder(order.keys, weight, row_key, row_start, order.sent, order.tf))
+        self._ref_norm = np.sqrt(norm2)
 
     @property
     def num_images(self) -> int:
         return len(self._index)
 
-    def _image_index(self, image_ids: Sequence[Hashable]) -> np.ndarray:
-        try:
-            return np.fromiter(map(self._index.__getitem__, image_ids), np.int64, len(image_ids))
-        except KeyError as e:
-            raise KeyError(f"no cached CIDEr-D references for image id {e.args[0]!r}") from None
-
     def score(self, image_ids: Sequence[Hashable], candidates: Sequence[str]) -> np.ndarray:
         """CIDEr-D [len(candidates)] float64 of each candidate against its image's references."""
         if len(image_ids) != len(candidates):
             raise ValueError(f"{len(image_ids)} image ids for {len(candidates)} candidates")
-        c_img = self._image_index(image_ids)
-        ids, lengths = _encode(candidates, _Vocab(self._vocab))
+        try:
+            c_img = np.fromiter(map(self._index.__getitem__, image_ids), np.int64, len(image_ids))
+        except KeyError as e:
+            raise KeyError(f"no cached CIDEr-D references for image id {e.args[0]!r}") from None
+        ids, cand_len = _encode(candidates, _Vocab(self._vocab))
         n, n_cand = self.n, len(candidates)
-        norm2 = np.zeros(n_cand * n)
-        base = int(ids.max(initial=0)) + 1
-        q_cand, q_gid, q_val, q_order = [], [], [], []
-        for k, order in enumerate(_count_ngrams(ids, lengths, n, base, partial(self._relabel, base=base))):
-            known = order.gid < self._tables[k].size
-            g = order.gid + self._offsets[k]
-            w = np.where(known, self._weights[np.where(known, g, 0)], self.log_n)
-            val = order.tf * w
-            norm2 += np.bincount(order.sent * n + k, val * val, minlength=norm2.size)
-            q_cand.append(order.sent[known])
-            q_gid.append(g[known])
-            q_val.append(val[known])
-            q_order.append(np.full(int(known.sum()), k))
-        cand_norm = np.sqrt(norm2).reshape(n_cand, n)
-        cand, gid, val_c, order_k = map(np.concatenate, (q_cand, q_gid, q_val, q_order))
-        return self._similarity(c_img, lengths, cand_norm, cand, gid, val_c, order_k)
-
-    def _relabel(self, k: int, keys: np.ndarray, base: int) -> np.ndarray:
-        """Label candidate n-grams by their cached gid; those absent from the references by U + rank.
-
-        `keys` are sorted candidate keys (prefix label * base + word id) of (k+1)-grams; a prefix
-        label below the cached count U' of k-grams is a cached gid. Known n-grams map to sorted
-        cached keys, so the search runs over sorted queries.
-        """
-        table = self._tables[k]
-        if k == 0:
-            cached_key, ok = keys, keys < self._base
-        else:
-            prefix, last = np.divmod(keys, base)
-            cached_key = prefix * self._base + last
-            ok = (prefix < self._tables[k - 1].size) & (last < self._base)
-        unseen = table.size + np.arange(keys.size)
-        if table.size == 0:
-            return unseen
-        j = np.minimum(np.searchsorted(table, cached_key), table.size - 1)
-        return np.where(ok & (table[j] == cached_key), j, unseen)
-
-    def _similarity(
-        self,
-        c_img: np.ndarray,
-        cand_len: np.ndarray,
-        cand_norm: np.ndarray,
-        cand: np.ndarray,
-        gid: np.ndarray,
-        val_c: np.ndarray,
-        order_k: np.ndarray,
-    ) -> np.ndarray:
-        """Clipped tf-idf products of candidate entries with the cached reference entries."""
-        n, n_cand = self.n, c_img.size
+        # (candidate, reference of its image) pairs
         per_cand = self._ref_count[c_img]
         n_pairs = int(per_cand.sum())
         pair_base = np.cumsum(per_cand) - per_cand
         pair_cand = np.repeat(np.arange(n_cand), per_cand)
         pair_ref = np.repeat(self._ref_start[c_img] - pair_base, per_cand) + np.arange(n_pairs)
 
-        # rows of the join table matching (n-gram, image of the candidate)
-        q = gid * self.num_images + c_img[cand]
-        row = np.minimum(np.searchsorted(self._join_keys, q), self._join_keys.size - 1)
-        hit = np.flatnonzero(self._join_keys[row] == q)
-        count = self._join_count[row[hit]]
-        e = np.repeat(hit, count)  # one per (candidate entry, matching reference entry)
-        run_start = np.cumsum(count) - count
-        ref_e = np.repeat(self._join_start[row[hit]] - run_start, count) + np.arange(e.size)
-        ref_sent = self._entry_sent[ref_e]
-        c = cand[e]
-        pair = pair_base[c] + ref_sent - self._ref_start[c_img[c]]
-        val_r = self._entry_val[ref_e]
-        dot = np.bincount(pair * n + order_k[e], np.minimum(val_c[e], val_r) * val_r, minlength=n_pairs * n)
-        dot = dot.reshape(n_pairs, n)
+        base = int(ids.max(initial=0)) + 1
+        orders = _count_ngrams(ids, cand_len, n, base, partial(self._relabel, base=base))
+        norm2 = np.zeros((n_cand, n))
+        dot = np.zeros((n_pairs, n))
+        for k, (cand, ref) in enumerate(zip(orders, self._orders)):
+            known = cand.gid < ref.keys.size
+            weight = np.full(cand.gid.size, self.log_n)  # unseen n-grams: df 0
+            weight[known] = ref.weight[cand.gid[known]]
+            val = weight * cand.tf
+            norm2[:, k] = np.bincount(cand.sent, val * val, minlength=n_cand)
+            dot[:, k] = self._dot(
+                ref, cand.sent[known], cand.gid[known], val[known], c_img, pair_base, n_pairs
+            )
 
-        denom = cand_norm[pair_cand] * self._ref_norm[pair_ref]
-        sim = np.divide(dot, denom, out=dot.copy(), where=denom != 0)
-        delta = (cand_len[pair_cand] - self._ref_len_words[pair_ref]).astype(np.float64)
+        denom = np.sqrt(norm2)[pair_cand] * self._ref_norm[pair_ref]
+        sim = np.divide(dot, denom, out=dot, where=denom != 0)
+        delta = (cand_len[pair_cand] - self._ref_len[pair_ref]).astype(np.float64)
         sim *= np.exp(-(delta**2) / (2 * self.sigma**2))[:, None]
         return np.bincount(pair_cand, sim.mean(axis=1), minlength=n_cand) / per_cand * 10.0
+
+    def _relabel(self, k: int, keys: np.ndarray, base: int) -> np.ndarray:
+        """Label candidate n-grams by their cached gid; those absent from the references by U + rank.
+
+        `keys` are sorted candidate keys (prefix label * base + word id) of (k+1)-grams; a prefix
+        label below the cached count of k-grams is a cached gid. Known n-grams map to cached keys
+        in sorted order, so the search runs over sorted queries.
+        """
+        table = self._orders[k].keys
+        if k == 0:
+            cached_key, ok = keys, keys < self._base
+        else:
+            prefix, last = np.divmod(keys, base)
+            cached_key = prefix * self._base + last
+            ok = (prefix < self._orders[k - 1].keys.size) & (last < self._base)
+        unseen = table.size + np.arange(keys.size)
+        if table.size == 0:
+            return unseen
+        j = np.minimum(np.searchsorted(table, cached_key), table.size - 1)
+        return np.where(ok & (table[j] == cached_key), j, unseen)
+
+    def _dot(
+        self,
+        ref: _RefOrder,
+        cand: np.ndarray,
+        gid: np.ndarray,
+        val_c: np.ndarray,
+        c_img: np.ndarray,
+        pair_base: np.ndarray,
+        n_pairs: int,
+    ) -> np.ndarray:
+        """Clipped products sum_g min(v_c, v_r) * v_r [n_pairs] of one order, by sorted-key join.
+
+        `cand`, `gid`, `val_c`: candidate entries whose n-gram occurs in the references.
+        """
+        if ref.row_key.size == 0 or cand.size == 0:
+            return np.zeros(n_pairs)
+        query = gid * self.num_images + c_img[cand]
+        row = np.minimum(np.searchsorted(ref.row_key, query), ref.row_key.size - 1)
+        hit = np.flatnonzero(ref.row_key[row] == query)
+        row = row[hit]
+        first = ref.row_start[row]
+        count = ref.row_start[row + 1] - first
+        e = np.repeat(hit, count)  # one per (candidate entry, matching reference entry)
+        ref_e = np.repeat(first - (np.cumsum(count) - count), count) + np.arange(e.size)
+        c = cand[e]
+        pair = pair_base[c] + ref.entry_sent[ref_e] - self._ref_start[c_img[c]]
+        val_r = ref.entry_tf[ref_e] * ref.weight[gid[e]]
+        return np.bincount(pair, np.minimum(val_c[e], val_r) * val_r, minlength=n_pairs)
 
 
 class CiderD:
@@ -314,9 +317,13 @@ class CiderReward:
 
     name = "cider"
 
-    def __init__(self, refs_by_image_id: Mapping[Hashable, Sequence[str]], n: int = 4, sigma: float = 6.0) -> None:
+    def __init__(
+        self, refs_by_image_id: Mapping[Hashable, Sequence[str]], n: int = 4, sigma: float = 6.0
+    ) -> None:
         refs = {iid: [normalize(r) for r in rs] for iid, rs in refs_by_image_id.items()}
         self.scorer = CachedCiderD(refs, n=n, sigma=sigma)
 
-    def __call__(self, samples: Sequence[str], image_ids: Sequence[Hashable], **batch_columns: Any) -> np.ndarray:
+    def __call__(
+        self, samples: Sequence[str], image_ids: Sequence[Hashable], **batch_columns: Any
+    ) -> np.ndarray:
         return self.scorer.score(image_ids, [normalize(s) for s in samples])

@@ -1,0 +1,1 @@
+"""Benchmarks: ours against a peer doing the same work in the same process (`rlalign bench NAME`)."""
