@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 
 from rlalign.config.schema import Recipe
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -41,6 +43,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base is None:
         return raw
     base_path = resolve_recipe_path(str(base), relative_to=path.parent)
+    if not base_path.is_file():
+        raise RecipeError(f"{path}: base: recipe file not found: {base}")
     return _merge(_read_yaml(base_path, (*chain, path)), raw)
 
 
@@ -126,6 +130,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return _build(tp, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `3e-3` (no dot) as a string
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):

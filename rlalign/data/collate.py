@@ -9,13 +9,18 @@ from typing import Any
 import torch
 
 IGNORE = -100
+# Processor outputs with one value per prompt token, and the value a response token gets.
+# Qwen2-VL / Qwen2.5-VL: `mm_token_type_ids` marks image (1) and video (2) tokens for M-RoPE.
+TOKEN_ALIGNED = {"mm_token_type_ids": 0}
 
 
 def prompt_text(processor: Any, prompt: str) -> str:
     """The prompt as the model family expects it: its chat template when it has one, else `<image>` + text."""
     if getattr(processor, "chat_template", None):
         content = [{"type": "image"}] + ([{"type": "text", "text": prompt}] if prompt else [])
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
     return processor.image_token + prompt
 
 
@@ -54,11 +59,26 @@ class SFTCollator:
         width = max(len(s) for s in seqs)
         pad = self.tok.pad_token_id
         batch = {
-            "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
-            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
-            "labels": torch.tensor([lab + [IGNORE] * (width - len(lab)) for lab in labels]),
+            "input_ids": right_pad(seqs, width, pad),
+            "attention_mask": right_pad([[1] * len(s) for s in seqs], width, 0),
+            "labels": right_pad(labels, width, IGNORE),
         }
         for key, value in enc.items():
-            if key not in ("input_ids", "attention_mask"):
-                batch[key] = value
+            if key in ("input_ids", "attention_mask"):
+                continue
+            if key in TOKEN_ALIGNED:
+                # Re-aligned like input_ids: the prompt's values, then the response's, then padding.
+                rows = [v[m.bool()].tolist() for v, m in zip(value, enc["attention_mask"])]
+                fill = TOKEN_ALIGNED[key]
+                rows = [row + [fill] * (len(s) - len(row)) for row, s in zip(rows, seqs)]
+                value = right_pad(rows, width, fill)
+            elif isinstance(value, torch.Tensor) and value.shape == enc["input_ids"].shape:
+                raise ValueError(
+                    f"processor output '{key}' has one value per prompt token: add it to TOKEN_ALIGNED"
+                )
+            batch[key] = value
         return batch
+
+
+def right_pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows])

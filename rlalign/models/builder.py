@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 BUILTIN_TINY = "builtin:tiny-llava"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LORA_INIT_SEED = 0
+"""Seed of the LoRA adapters' initial weights for hub / local checkpoints (the built-in model uses its init_seed)."""
 # Submodule names that hold the vision side across the HF families we load.
 VISION_MODULES = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "connector", "merger")
 
@@ -38,16 +40,22 @@ def load_base(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torch.n
         shapes = ShapesConfig(seed=data.seed if data else 0, image_size=image_size)
         model, processor = build_tiny_llava(tiny, shapes)
         return model.to(DTYPES[cfg.dtype]), processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from rlalign.models.families import load_processor
 
     try:
-        processor = AutoProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        processor = load_processor(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(
             cfg.name_or_path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
         )
     except OSError as err:
         raise OSError(f"model.name_or_path '{cfg.name_or_path}': could not load ({err})") from None
     return model, processor
+
+
+# peft `exclude_modules` pattern (full match on the module name) for everything under a vision module.
+VISION_PATTERN = rf"(.*\.)?({'|'.join(VISION_MODULES)})(\..*)?"
 
 
 def vision_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -78,8 +86,15 @@ def build_policy(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torc
             lora_alpha=cfg.lora.alpha,
             lora_dropout=cfg.lora.dropout,
             target_modules=cfg.lora.target_modules,
+            # A frozen vision tower gets no adapters either (CLIP's q/k/v_proj match the default targets).
+            exclude_modules=VISION_PATTERN if cfg.freeze_vision else None,
         )
-        model = get_peft_model(model, lora)
+        # Adapter A matrices are random: seed them so every rank and every run starts from the same adapter
+        # (FSDP2 shards each rank's own copy, it does not broadcast rank 0's).
+        seed = cfg.tiny.init_seed if cfg.name_or_path == BUILTIN_TINY else LORA_INIT_SEED
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = get_peft_model(model, lora)
     model.train()
     return model, processor
 
@@ -115,6 +130,18 @@ class ReferenceModel:
         if self.mode == "copy":
             return self.model(**inputs)
         if self.mode == "adapter_disabled":
-            with self.runtime.unwrap(self.policy).disable_adapter():
-                return self.policy(**inputs)
+            return self._adapter_disabled(**inputs)
         raise RuntimeError("model.reference is 'none': this objective needs a reference model")
+
+    def _adapter_disabled(self, **inputs: torch.Tensor) -> Any:
+        """The policy without its adapter, in eval mode like the `copy` reference (no dropout), then
+        every module back in the mode it was in."""
+        model = self.runtime.unwrap(self.policy)
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with model.disable_adapter():
+                return self.policy(**inputs)
+        finally:
+            for m, training in modes:
+                m.training = training
