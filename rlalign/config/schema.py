@@ -35,7 +35,7 @@ class LoraConfig:
 class TinyModelConfig:
     """Sizes of the built-in tiny Llava (used when name_or_path is `builtin:tiny-llava`)."""
 
-    patch_size: int = 12
+    patch_size: int = 16
     """Vision patch side in pixels."""
     vision_hidden: int = 64
     """Hidden size of the vision tower."""
@@ -51,6 +51,8 @@ class TinyModelConfig:
     """Target BPE vocabulary size."""
     init_seed: int = 0
     """Seed of the random initial weights."""
+    init_std: float = 0.1
+    """Std of the random initial weights (HF initializer_range)."""
 
 
 @dataclass(kw_only=True)

@@ -35,7 +35,7 @@ def load_base(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torch.n
         tiny = TinyVLMConfig(
             image_size=image_size, patch_size=t.patch_size, vision_hidden=t.vision_hidden,
             vision_layers=t.vision_layers, text_hidden=t.text_hidden, text_layers=t.text_layers,
-            heads=t.heads, vocab_size=t.vocab_size, init_seed=t.init_seed,
+            heads=t.heads, vocab_size=t.vocab_size, init_seed=t.init_seed, init_std=t.init_std,
         )  # fmt: skip
         shapes = ShapesConfig(seed=data.seed if data else 0, image_size=image_size)
         model, processor = build_tiny_llava(tiny, shapes)

@@ -33,7 +33,7 @@ class TinyVLMConfig:
 
     image_size: int = 48
     """Input image side in pixels; must match the data's image size."""
-    patch_size: int = 12
+    patch_size: int = 16
     """Vision patch side; (image_size / patch_size)^2 image tokens per image."""
     vision_hidden: int = 64
     """Hidden size of the vision tower."""
@@ -49,6 +49,8 @@ class TinyVLMConfig:
     """Target size of the BPE vocabulary trained on the shapes corpus."""
     init_seed: int = 0
     """Seed of the random initial weights: every rank builds the same model."""
+    init_std: float = 0.1
+    """Std of the random initial weights (HF's initializer_range)."""
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -111,6 +113,7 @@ def build_tiny_llava(
         image_size=config.image_size,
         patch_size=config.patch_size,
         projection_dim=config.vision_hidden,
+        initializer_range=config.init_std,
     )
     text = LlamaConfig(
         hidden_size=config.text_hidden,
@@ -124,6 +127,7 @@ def build_tiny_llava(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        initializer_range=config.init_std,
     )
     llava = LlavaConfig(
         vision_config=vision,
