@@ -1,1 +1,45 @@
-"""rlalign.data"""
+"""Training data by kind: each objective declares the kind it trains on (`data_kind`), and this one
+explicit registry builds the train and validation sets, the collator and the validation metric."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from rlalign.config.schema import Recipe
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    collate: Callable[[list[dict]], dict]
+    val_metric: str
+    """Name of the validation metric `evaluate` computes (logged as `val/<name>`)."""
+
+
+def caption_data(recipe: Recipe, processor: Any) -> DataBundle:
+    """(image, one reference caption) pairs for XE; validation = token NLL of the references."""
+    from rlalign.data.captions import CaptionPairs, load_split
+    from rlalign.data.collate import SFTCollator
+
+    return DataBundle(
+        train=CaptionPairs(load_split(recipe.data, "train"), recipe.data.prompt),
+        val=CaptionPairs(load_split(recipe.data, "val"), recipe.data.prompt),
+        collate=SFTCollator(processor, recipe.data.max_response_tokens),
+        val_metric="loss",
+    )
+
+
+DATA_KINDS: dict[str, Callable[[Recipe, Any], DataBundle]] = {
+    "captions": caption_data,
+}
+
+
+def build_data(kind: str, recipe: Recipe, processor: Any) -> DataBundle:
+    if kind not in DATA_KINDS:
+        raise KeyError(f"unknown data kind '{kind}' (valid: {', '.join(sorted(DATA_KINDS))})")
+    return DATA_KINDS[kind](recipe, processor)

@@ -21,6 +21,8 @@ class Objective(Protocol):
     name: ClassVar[str]
     needs_reference: ClassVar[bool]
     needs_rollout: ClassVar[bool]
+    data_kind: ClassVar[str]
+    """Key of `rlalign.data.DATA_KINDS`: what the objective trains on."""
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> float:
         """The number this micro-batch contributes to the step's normaliser."""

@@ -35,6 +35,7 @@ class XEObjective:
     name: ClassVar[str] = "xe"
     needs_reference: ClassVar[bool] = False
     needs_rollout: ClassVar[bool] = False
+    data_kind: ClassVar[str] = "captions"
 
     def __init__(self, cfg: XEConfig):
         self.cfg = cfg

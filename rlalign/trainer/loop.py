@@ -18,8 +18,7 @@ from accelerate.utils import set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from rlalign.config import Recipe, dump_recipe, recipe_to_dict
-from rlalign.data.captions import CaptionPairs, load_split
-from rlalign.data.collate import SFTCollator
+from rlalign.data import build_data
 from rlalign.models.builder import ReferenceModel, build_policy
 from rlalign.objectives import build_objective
 from rlalign.objectives.xe import model_inputs, token_nll
@@ -62,14 +61,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_step(model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm) -> dict:
+def optimizer_update(model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm) -> dict:
     """One optimizer step over `window` (this rank's micro-batches); metrics are global means."""
     counts = torch.tensor([sum(objective.count_items(b) for b in window)], dtype=torch.float64)
     items_per_micro = float(runtime.all_reduce(counts)) / (len(window) * runtime.world_size)
     sums: dict[str, float] = {}
     tokens = samples = 0
     for batch in window:
-        batch = {k: v.to(runtime.device) for k, v in batch.items()}
+        batch = {k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with runtime.accumulate(model):
             loss, metrics = objective.loss(model, batch, items_per_micro=items_per_micro, reference=reference)
             runtime.backward(loss)
@@ -88,6 +87,22 @@ def train_step(model, objective, window, optimizer, scheduler, runtime, referenc
     out = {k: float(totals[i]) / (len(window) * runtime.world_size) for i, k in enumerate(keys)}
     out.update(grad_norm=grad_norm, lr=lr, tokens=float(totals[-2]), samples=float(totals[-1]))
     return out
+
+
+def train_step(model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm) -> dict:
+    """One loop step. Supervised objectives: one optimizer update over `window`. Rollout objectives:
+    `objective.rollout` turns `window` into a buffer of micro-batches, reused for `inner_epochs`
+    passes of updates of `len(window)` micro-batches each; metrics are averaged over the updates."""
+    if not objective.needs_rollout:
+        return optimizer_update(model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm)
+    buffer, metrics = objective.rollout(model, window, runtime=runtime, reference=reference)
+    accum = len(window)
+    updates = [buffer[i : i + accum] for _ in range(objective.inner_epochs) for i in range(0, len(buffer), accum)]
+    results = [optimizer_update(model, objective, u, optimizer, scheduler, runtime, reference, max_grad_norm)
+               for u in updates]  # fmt: skip
+    for key in results[0]:
+        metrics[key] = sum(r[key] for r in results) / (1 if key in ("tokens", "samples") else len(results))
+    return metrics
 
 
 @torch.no_grad()
@@ -155,9 +170,8 @@ def train(recipe: Recipe) -> Path:
         policy, processor = build_policy(recipe.model, recipe.data)
     objective = build_objective(recipe)
     reference = ReferenceModel.build(recipe.model.reference, policy, runtime)
-    train_set = CaptionPairs(load_split(recipe.data, "train"), recipe.data.prompt)
-    val_set = CaptionPairs(load_split(recipe.data, "val"), recipe.data.prompt)
-    collate = SFTCollator(processor, recipe.data.max_response_tokens)
+    data = build_data(objective.data_kind, recipe, processor)
+    train_set, val_set, collate = data.train, data.val, data.collate
     o = recipe.optim
     model, optimizer, scheduler = runtime.prepare(
         policy,
