@@ -72,7 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rlalign.demo import run_demo
 
-    report = run_demo(Path(args.out), seeds=args.seeds, quick=args.quick)
+    report = run_demo(Path(args.out), seeds=args.seeds, quick=args.quick, stages=args.stages)
     print(f"report: {report}")
     return 0
 
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="reports/demo")
     d.add_argument("--seeds", type=int, default=1)
     d.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
+    d.add_argument("--stages", nargs="+", default=None, help="run only these stages (default: all)")
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", help="ours against a peer in the same run; ends with one JSON line")
     b.add_argument("name")

@@ -95,11 +95,15 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
     )
 
 
-def run_demo(out: Path, *, seeds: int = 1, quick: bool = False) -> Path:
-    """Train every stage for `seeds` seeds, evaluate, write `out/report.md`; returns its path."""
+def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str] | None = None) -> Path:
+    """Train the stages (all by default) for `seeds` seeds, evaluate, write `out/report.md`; returns its path."""
+    chosen = [s for s in STAGES if stages is None or s.name in stages]
+    unknown = set(stages or []) - {s.name for s in STAGES}
+    if unknown:
+        raise ValueError(f"unknown demo stage(s) {sorted(unknown)} (valid: {', '.join(s.name for s in STAGES)})")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    run_dirs = {s.name: [_train(s, out, seed, quick) for seed in range(seeds)] for s in STAGES}
+    run_dirs = {s.name: [_train(s, out, seed, quick) for seed in range(seeds)] for s in chosen}
     recipe = load_recipe(RECIPES_DIR / STAGES[0].recipe, QUICK if quick else [])
     data = recipe.data
     evals = {"init": evaluate_captioner(build_policy(recipe.model, data), data, split="test")}

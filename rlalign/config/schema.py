@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rlalign.retrieval.config import PairsConfig
+
 
 @dataclass(kw_only=True)
 class LoraConfig:
@@ -107,8 +109,25 @@ class DataConfig:
     """Text after the image in the prompt (empty for plain captioning)."""
     max_response_tokens: int = 48
     """Responses are cut to this many tokens; image and prompt tokens are never cut."""
+    pairs_path: str | None = None
+    """Preference data (objectives dpo / rdpo): a save_to_disk folder, a .parquet/.arrow/.jsonl file, or a
+    folder of train/val files with TRL columns `images`, `prompt`, `chosen`, `rejected` (+ `retrieved_images`).
+    None: synthetic pairs from the shapes world (chosen = a reference caption, rejected = one colour/shape
+    word swapped, retrieved image = another shapes image). A relative path may be missing at validation."""
+    images_column: str = "images"
+    """Preference data: column holding the image (one image, or a list holding one; PIL, bytes or a path)."""
+    retrieved_images_column: str = "retrieved_images"
+    """Preference data: column holding the retrieved image of each pair (rdpo only)."""
+    max_length: int | None = None
+    """Preference data: most tokens per sequence (prompt with its image tokens + response); responses are cut
+    to fit, and a row whose prompt alone does not fit (its image tokens would be cut) is a bad row."""
+    skip_bad_rows: bool = False
+    """Preference data: drop bad rows (missing image, empty response, prompt too long), logging the counts,
+    instead of failing on the first one with an error naming its row and column."""
 
     def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.source == "local" and not self.path:
             raise ValueError("source 'local' needs data.path")
         for name in ("train_size", "val_size", "test_size", "max_response_tokens"):
@@ -125,6 +144,46 @@ class XEConfig:
 
 
 @dataclass(kw_only=True)
+class DPOConfig:
+    """Direct preference optimisation (sigmoid loss) on (image, prompt, chosen, rejected)."""
+
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta * (log pi - log pi_ref)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the preference label is flipped with this probability (0 = plain DPO)."""
+    logp_reduction: Literal["sum", "mean"] = "sum"
+    """Sequence log-prob: sum over response tokens (the paper), or their mean."""
+    ref_cache_dir: str | None = None
+    """Cache reference log-probs on disk here, keyed by (image hash, token ids, reference fingerprint):
+    each pair runs the reference once, later epochs and runs read the cache. None: live reference."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass(kw_only=True)
+class RDPOConfig(DPOConfig):
+    """RE-ALIGN's retrieval-augmented DPO: the DPO term + a visual term (chosen under the true vs the retrieved image)."""
+
+    dpo_weight: float = 1.0
+    """Weight of the DPO (text preference) term."""
+    visual_weight: float = 1.0
+    """Weight of the visual term -log sigmoid(beta [D(y_w|x,v) - D(y_w|x,v_l)])."""
+    anchor_weight: float = 0.0
+    """Weight of an mDPO-style anchor -log sigmoid(beta D(y_w|x,v) - anchor_delta) (0: off, as in the paper)."""
+    anchor_delta: float = 0.0
+    """Anchor threshold delta of the anchor term."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.dpo_weight, self.visual_weight, self.anchor_weight) < 0:
+            raise ValueError("dpo_weight, visual_weight and anchor_weight must be >= 0")
+
+
+@dataclass(kw_only=True)
 class ObjectiveConfig:
     """Which objective trains the policy, and its settings."""
 
@@ -132,6 +191,10 @@ class ObjectiveConfig:
     """Objective name from the registry (see `rlalign ls --objectives`)."""
     xe: XEConfig = field(default_factory=XEConfig)
     """Settings of `xe`."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Settings of `dpo`."""
+    rdpo: RDPOConfig = field(default_factory=RDPOConfig)
+    """Settings of `rdpo`."""
 
 
 @dataclass(kw_only=True)
@@ -227,6 +290,8 @@ class TrackingConfig:
     """W&B run name (default: the output folder's name)."""
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     """`auto`: online when WANDB_API_KEY is set, offline otherwise."""
+    console_every: int = 50
+    """Print a metrics line every this many steps (and at every evaluation); 0: never."""
 
 
 @dataclass(kw_only=True)
@@ -247,5 +312,7 @@ class Recipe:
     """Sharding."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Metrics tracking."""
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    """RE-ALIGN preference pairs and the image index (`rlalign index build`, `rlalign pairs build`)."""
     description: str = ""
     """One line on what the recipe is for."""

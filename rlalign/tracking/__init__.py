@@ -16,6 +16,7 @@ from typing import Any
 from rlalign.config.schema import TrackingConfig
 
 log = logging.getLogger(__name__)
+CONSOLE_KEYS = ("loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "reward/mean", "kl")
 
 
 def wandb_mode(cfg: TrackingConfig) -> str | None:
@@ -32,6 +33,7 @@ class Tracker:
 
     def __init__(self, cfg: TrackingConfig, output_dir: Path, accelerator: Any, config: dict[str, Any]):
         self.accelerator = accelerator
+        self.console_every = cfg.console_every
         self.path = output_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.use_wandb = wandb_mode(cfg) is not None
@@ -51,6 +53,9 @@ class Tracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.console_every and (step % self.console_every == 0 or any(k.startswith("val/") for k in metrics)):
+            shown = {k: v for k, v in metrics.items() if k in CONSOLE_KEYS or k.startswith("val/")}
+            log.info("step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         if self.use_wandb:
             self.accelerator.log(metrics, step=step)
 
