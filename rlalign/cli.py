@@ -1,4 +1,4 @@
-"""`rlalign train|validate|ls|eval|demo|bench`.
+"""`rlalign train|validate|ls|eval|demo|bench|index|pairs`.
 
 Errors a user can fix (a bad recipe, a missing file) print one line and exit 2.
 """
@@ -17,6 +17,9 @@ from rlalign.config.loader import RECIPES_DIR
 
 BENCHES = {
     "cider": "rlalign.bench.cider",
+    "grpo": "rlalign.bench.grpo",
+    "dpo": "rlalign.bench.dpo",
+    "index": "rlalign.bench.index",
 }
 
 
@@ -84,6 +87,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from rlalign.retrieval.embedder import build_embedder
+    from rlalign.retrieval.pairs import INDEX_DIR, build_index, load_pool
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        embedder, _, _ = build_embedder(recipe)
+    except OSError as err:
+        raise RecipeError(" ".join(str(err).split())) from None
+    out = Path(args.out or Path(recipe.pairs.output_dir) / INDEX_DIR)
+    index = build_index(recipe.pairs, embedder, load_pool(recipe)["image"], out)
+    print(f"index: {index.count} images, dim {index.dim}, embedded {embedder.embedded} "
+          f"(cached {embedder.cache_hits}), fingerprint {embedder.fingerprint[:16]} -> {out}")  # fmt: skip
+    return 0
+
+
+def cmd_index_serve(args: argparse.Namespace) -> int:
+    from rlalign.retrieval.service import main_serve
+
+    return main_serve(args.rest)
+
+
+def cmd_index_query(args: argparse.Namespace) -> int:
+    from rlalign.retrieval.client import main_query
+
+    return main_query(args.rest)
+
+
+def cmd_pairs_build(args: argparse.Namespace) -> int:
+    from rlalign.retrieval.pairs import build_pairs
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        out = build_pairs(recipe)
+    except OSError as err:
+        raise RecipeError(" ".join(str(err).split())) from None
+    if out.is_file():
+        print(f"pairs: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlalign", description="Align vision-language models with RL and preferences.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -112,6 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
     d.add_argument("--stages", nargs="+", default=None, help="run only these stages (default: all)")
     d.set_defaults(func=cmd_demo)
+    ix = sub.add_parser("index", help="image index: build (from a recipe), serve, query").add_subparsers(
+        dest="index_command", required=True
+    )
+    ib = ix.add_parser("build", help="embed the recipe's image pool and save a vector index")
+    ib.add_argument("recipe")
+    ib.add_argument("overrides", nargs="*", help="a.b.c=value")
+    ib.add_argument("--out", default=None, help="index folder (default: pairs.output_dir/index)")
+    ib.set_defaults(func=cmd_index_build)
+    # serve / query parse their own arguments (`rlalign index serve --help`)
+    for name, func in (("serve", cmd_index_serve), ("query", cmd_index_query)):
+        ip = ix.add_parser(name, help=f"{name} saved indexes (see `rlalign index {name} --help`)", add_help=False,
+                           prefix_chars="+")  # fmt: skip
+        ip.add_argument("rest", nargs=argparse.REMAINDER)
+        ip.set_defaults(func=func)
+    pb = sub.add_parser("pairs", help="RE-ALIGN preference pairs").add_subparsers(dest="pairs_command", required=True)
+    pbb = pb.add_parser("build", help="write the recipe's preference dataset (launch with `accelerate launch`)")
+    pbb.add_argument("recipe")
+    pbb.add_argument("overrides", nargs="*", help="a.b.c=value")
+    pbb.set_defaults(func=cmd_pairs_build)
     b = sub.add_parser("bench", help="ours against a peer in the same run; ends with one JSON line")
     b.add_argument("name")
     b.add_argument("rest", nargs=argparse.REMAINDER)

@@ -49,7 +49,11 @@ def test_sigkill_resume_is_bitwise_single_process(tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("config", ["ddp-8gpu.yaml", "zero3-8gpu.yaml"], ids=["ddp", "zero3"])
+@pytest.mark.parametrize(
+    "config",
+    ["ddp-8gpu.yaml", "zero3-8gpu.yaml", "fsdp2-8gpu.yaml", pytest.param("zero2-8gpu.yaml", marks=pytest.mark.slow)],
+    ids=["ddp", "zero3", "fsdp2", "zero2"],
+)
 def test_sigkill_resume_two_processes(tmp_path, config):
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = [TINY, *ARGS, "trainer.per_device_batch_size=1"]

@@ -184,6 +184,86 @@ class RDPOConfig(DPOConfig):
 
 
 @dataclass(kw_only=True)
+class RewardConfig:
+    """One term of the training reward; the terms are summed with their weights and logged apart."""
+
+    name: str
+    """`cider` (CIDEr-D, df cached from the training references), `bleu` (smoothed sentence BLEU-4),
+    `hallucination` (minus the share of mentioned shapes/colours absent from the image; needs ground-truth
+    `objects`), or a user callable `package.module:function` called as `fn(samples, image_ids, **columns)`."""
+    weight: float = 1.0
+    """Weight of this term in the summed reward."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("cider", "bleu", "hallucination") and ":" not in self.name:
+            raise ValueError(f"reward '{self.name}': expected cider, bleu, hallucination or module:function")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """How completions are sampled (shared by `scst` and `grpo`)."""
+
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int = 0
+    """Keep the k most likely tokens before sampling (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: all)."""
+    max_new_tokens: int = 32
+    """Longest completion in tokens."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
+            raise ValueError("need temperature > 0, 0 < top_p <= 1, top_k >= 0 and max_new_tokens >= 1")
+
+
+@dataclass(kw_only=True)
+class SCSTConfig:
+    """Self-critical sequence training (Rennie et al. 2017)."""
+
+    baseline: Literal["greedy", "group_mean"] = "greedy"
+    """`greedy`: advantage = r(sample) - r(greedy decode); `group_mean`: minus the mean of the image's other samples."""
+    num_samples: int = 1
+    """Samples per image (`group_mean` needs at least 2)."""
+    normalize: Literal["token", "sequence"] = "token"
+    """Loss normalisation: per completion token of the step, or per sequence."""
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or (self.baseline == "group_mean" and self.num_samples < 2):
+            raise ValueError(f"num_samples must be >= 1 (>= 2 for group_mean), got {self.num_samples}")
+
+
+@dataclass(kw_only=True)
+class GRPOConfig:
+    """Group-relative policy optimisation (defaults: arXiv 2503.01333)."""
+
+    group_size: int = 5
+    """Samples per image (G)."""
+    clip_eps: float = 0.2
+    """Ratio clipping: min(rho A, clip(rho, 1 - eps, 1 + eps) A)."""
+    beta: float = 0.04
+    """Weight of the k3 KL to the frozen reference (0: no reference forward)."""
+    std_eps: float = 1e-5
+    """Added to the group std when dividing the advantage."""
+    scale_by_std: bool = True
+    """Divide the centred reward by the group std (false: r - mean only)."""
+    normalize: Literal["token", "sequence"] = "token"
+    """`token`: sum over the step's completion tokens / their count (paper); `sequence`: mean of per-sequence means."""
+    inner_epochs: int = 2
+    """Passes of optimizer updates over each rollout buffer."""
+    minibatches: int = 1
+    """Optimizer updates per pass: each rollout micro-batch is split in this many parts."""
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2, got {self.group_size}")
+        if self.clip_eps <= 0 or self.beta < 0 or self.std_eps < 0:
+            raise ValueError("need clip_eps > 0, beta >= 0, std_eps >= 0")
+        if self.inner_epochs < 1 or self.minibatches < 1:
+            raise ValueError("inner_epochs and minibatches must be >= 1")
+
+
+@dataclass(kw_only=True)
 class ObjectiveConfig:
     """Which objective trains the policy, and its settings."""
 
@@ -191,6 +271,14 @@ class ObjectiveConfig:
     """Objective name from the registry (see `rlalign ls --objectives`)."""
     xe: XEConfig = field(default_factory=XEConfig)
     """Settings of `xe`."""
+    scst: SCSTConfig = field(default_factory=SCSTConfig)
+    """Settings of `scst`."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """Settings of `grpo`."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling of the RL objectives (`scst`, `grpo`)."""
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig(name="cider")])
+    """Reward terms of the RL objectives, summed with their weights."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """Settings of `dpo`."""
     rdpo: RDPOConfig = field(default_factory=RDPOConfig)

@@ -34,8 +34,35 @@ def caption_data(recipe: Recipe, processor: Any) -> DataBundle:
     )
 
 
+def image_data(recipe: Recipe, processor: Any) -> DataBundle:
+    """One row per image (all references, ground truth) for the RL objectives; validation = reference NLL."""
+    from rlalign.data.captions import CaptionPairs, load_split
+    from rlalign.data.images import ImageRows, PromptCollator
+
+    return DataBundle(
+        train=ImageRows(load_split(recipe.data, "train"), recipe.data.prompt),
+        val=CaptionPairs(load_split(recipe.data, "val"), recipe.data.prompt),
+        collate=PromptCollator(processor, recipe.data.max_response_tokens),
+        val_metric="loss",
+    )
+
+
+def preference_data(recipe: Recipe, processor: Any) -> DataBundle:
+    """(image, prompt, chosen, rejected[, retrieved image]) pairs for dpo / rdpo, validated up front;
+    validation = the objective's loss and reward accuracies on the val pairs."""
+    from rlalign.data.preference import PreferenceCollator, load_preferences
+
+    retrieved = recipe.objective.name == "rdpo"
+    train, val = load_preferences(recipe.data, processor, retrieved=retrieved)
+    collate = PreferenceCollator(processor, recipe.data.max_response_tokens, recipe.data.max_length,
+                                 retrieved=retrieved)  # fmt: skip
+    return DataBundle(train=train, val=val, collate=collate, val_metric="objective")
+
+
 DATA_KINDS: dict[str, Callable[[Recipe, Any], DataBundle]] = {
     "captions": caption_data,
+    "preferences": preference_data,
+    "images": image_data,
 }
 
 

@@ -170,8 +170,9 @@ class Checkpointer:
                     set_optimizer_state_dict,
                 )
 
-                opts = StateDictOptions(full_state_dict=True)
-                set_model_state_dict(model, model_sd, options=opts)
+                set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
+                # parameters that never got a gradient (e.g. an unused final norm) have no AdamW state
+                opts = StateDictOptions(full_state_dict=True, strict=False)
                 set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
             else:
                 rt.unwrap(model).load_state_dict(model_sd)

@@ -25,6 +25,7 @@ from rlalign.objectives.xe import model_inputs, token_nll
 from rlalign.tracking import make_tracker, wandb_mode
 from rlalign.trainer.checkpoint import Checkpointer, TrainState
 from rlalign.trainer.data import eval_shard, step_loader
+from rlalign.trainer.objective_eval import evaluate_objective
 from rlalign.trainer.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def train(recipe: Recipe) -> Path:
     set_seed(t.seed)
     with runtime.model_init():
         policy, processor = build_policy(recipe.model, recipe.data)
-    objective = build_objective(recipe)
+    objective = build_objective(recipe, processor)
     reference = ReferenceModel.build(recipe.model.reference, policy, runtime)
     data = build_data(objective.data_kind, recipe, processor)
     train_set, val_set, collate = data.train, data.val, data.collate
@@ -213,7 +214,11 @@ def train(recipe: Recipe) -> Path:
                      tokens_per_s=m.pop("tokens") / elapsed, step_time_s=elapsed)  # fmt: skip
             last = state.step == t.max_steps
             if (t.eval_every and state.step % t.eval_every == 0) or last:
-                m["val/loss"] = evaluate_nll(model, val_set, collate, runtime, t.eval_size, t.per_device_batch_size)
+                if data.val_metric == "loss":
+                    m["val/loss"] = evaluate_nll(model, val_set, collate, runtime, t.eval_size, t.per_device_batch_size)
+                else:  # the objective's own loss and metrics (preference pairs: rewards, accuracies)
+                    m.update(evaluate_objective(model, objective, val_set, collate, runtime, reference, t.eval_size,
+                                                t.per_device_batch_size))  # fmt: skip
             if state.step % t.log_every == 0 or last or "val/loss" in m:
                 tracker.log(m, state.step)
             bar.update(task, completed=state.step, info=f"loss {m['loss']:.4f}")

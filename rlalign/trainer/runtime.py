@@ -48,6 +48,8 @@ class Runtime:
     """`single`, `ddp`, `deepspeed` or `fsdp2` (what was asked for)."""
     cfg: DistributedConfig
     grad_accum_steps: int
+    param_gathers: int = 0
+    """Times `full_parameters` gathered sharded parameters (ZeRO-3 / FSDP2), for tests and metrics."""
 
     @classmethod
     def create(cls, cfg: DistributedConfig, *, grad_accum_steps: int = 1, log_with: str | None = None) -> Runtime:
@@ -153,7 +155,9 @@ class Runtime:
 
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
             config = {
-                "train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+                # built before the policy is prepared, when the launch file's value may still be "auto"
+                "train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"]
+                if isinstance(ds["train_micro_batch_size_per_gpu"], int) else 1,
                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                 "bf16": ds.get("bf16", {"enabled": False}),
                 "fp16": ds.get("fp16", {"enabled": False}),
@@ -195,19 +199,28 @@ class Runtime:
         """Every parameter whole on every rank for the duration (ZeRO-3 gather / FSDP2 unshard), once."""
         if self.backend == "deepspeed" and self.zero_stage == 3:
             import deepspeed
+            from trl.models.utils import add_hooks, remove_hooks
 
+            self.param_gathers += 1
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-                yield model
+                remove_hooks(model)  # else every sub-module forward (every generated token) re-gathers
+                try:
+                    yield model
+                finally:
+                    add_hooks(model)
         elif self.backend == "fsdp2":
             from torch.distributed.fsdp import FSDPModule
 
+            self.param_gathers += 1
             modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
             for m in modules:
                 m.unshard()
+                m.set_reshard_after_forward(False)  # else each forward inside frees the gathered weights
             try:
                 yield model
             finally:
                 for m in modules:
+                    m.set_reshard_after_forward(self.cfg.fsdp_reshard_after_forward)
                     m.reshard()
         else:
             yield model

@@ -1,0 +1,111 @@
+"""`dpo`: direct preference optimisation, sigmoid loss (Rafailov et al. 2023) for VLMs.
+
+L = -(1 - eps) log sigma(beta [D(y_w) - D(y_l)]) - eps log sigma(-beta [D(y_w) - D(y_l)]),
+D(y) = log pi(y|x,v) - log pi_ref(y|x,v), eps = label_smoothing (0 = the paper; eps > 0 is cDPO).
+
+Where it departs from the paper / from TRL:
+- Chosen and rejected share one packed row (prompt | chosen | rejected, 4D mask, same position ids
+  for both responses): the image is encoded and the prompt is run once per pair. The log-probs are
+  those of two separate sequences (same masks, same positions), gathered exactly at the label tokens.
+- `logp_reduction: mean` optionally averages over response tokens instead of summing (paper: sum).
+- The loss is summed over pairs and divided by the step's pair count over all micro-batches and
+  ranks (see objectives/base.py), so accumulation / data parallelism give the single-batch gradient.
+- Reference log-probs can come from an on-disk cache (`ref_cache_dir`), see `ref_cache.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from rlalign.config.schema import DPOConfig
+from rlalign.data.preference import FIRST, PAD_SEGMENT, PROMPT, SECOND
+from rlalign.objectives.ref_cache import RefLogpCache
+
+PACKING_KEYS = ("segment_ids", "pred_pos", "is_retrieved", "pair_keys", "attention_mask")
+
+
+def packed_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N,1,T,T) additive mask: causal, and a response sees the prompt and itself, not the other response."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    q, k = segment_ids[:, :, None], segment_ids[:, None, :]
+    allowed = causal & ((k == PROMPT) | (k == q)) & (k != PAD_SEGMENT)
+    allowed |= torch.eye(T, dtype=torch.bool, device=segment_ids.device)  # padding rows see themselves (no NaN)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]  # fmt: skip
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """Dtype of the policy's floating parameters (the additive mask must match the attention's)."""
+    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+
+
+def sequence_logps(model: Any, batch: dict[str, Any], reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """(N, 2) log-probs of each row's first and second response (0 where absent), one root forward."""
+    inputs = {k: v for k, v in batch.items() if k not in PACKING_KEYS}
+    inputs["attention_mask"] = packed_mask(batch["segment_ids"], dtype)
+    logits = model(**inputs, use_cache=False).logits  # (N, T, V)
+    seg, pred = batch["segment_ids"], batch["pred_pos"]
+    target = batch["input_ids"]
+    picked = logits.gather(1, pred[..., None].expand(-1, -1, logits.shape[-1]))  # logits predicting each token
+    logp_NT = picked.float().log_softmax(-1).gather(2, target[..., None]).squeeze(-1)
+    out = []
+    for s in (FIRST, SECOND):
+        mask = (seg == s).to(logp_NT.dtype)
+        total = (logp_NT * mask).sum(1)
+        out.append(total / mask.sum(1).clamp(min=1) if reduction == "mean" else total)
+    return torch.stack(out, 1)
+
+
+def ref_logps(reference: Any, batch: dict[str, Any], cache: RefLogpCache | None, reduction: str,
+              dtype: torch.dtype) -> torch.Tensor:
+    """Reference (N, 2) log-probs: from the cache when every pair of the batch is in it, else one
+    reference forward (whose results the cache stores)."""
+    if cache is not None:
+        hit = cache.lookup(batch["pair_keys"], reference)
+        if hit is not None:
+            return hit.to(batch["input_ids"].device)
+    with torch.no_grad():
+        logps = sequence_logps(reference, batch, reduction, dtype)
+    if cache is not None:
+        cache.store(batch["pair_keys"], logps)
+    return logps
+
+
+def preference_terms(logp_w, logp_l, ref_w, ref_l, beta: float, eps: float) -> tuple[torch.Tensor, dict]:
+    """Per-pair sigmoid loss of (w over l) and its reward metrics."""
+    rw, rl = beta * (logp_w - ref_w), beta * (logp_l - ref_l)
+    margin = rw - rl
+    loss = -(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
+    metrics = {"chosen": rw.detach(), "rejected": rl.detach(), "margins": margin.detach(),
+               "accuracies": (margin.detach() > 0).float()}  # fmt: skip
+    return loss, metrics
+
+
+class DPOObjective:
+    name: ClassVar[str] = "dpo"
+    needs_reference: ClassVar[bool] = True
+    needs_rollout: ClassVar[bool] = False
+    data_kind: ClassVar[str] = "preferences"
+    uses_retrieved: ClassVar[bool] = False
+
+    def __init__(self, cfg: DPOConfig):
+        self.cfg = cfg
+        self.cache = RefLogpCache(cfg.ref_cache_dir, cfg.logp_reduction) if cfg.ref_cache_dir else None
+
+    def count_items(self, batch: dict[str, Any]) -> float:
+        return float(len(batch["pair_keys"]))
+
+    def loss(self, model, batch, *, items_per_micro: float, reference: Any = None) -> tuple[torch.Tensor, dict]:
+        dtype = compute_dtype(model)
+        logps = sequence_logps(model, batch, self.cfg.logp_reduction, dtype)
+        ref = ref_logps(reference, batch, self.cache, self.cfg.logp_reduction, dtype)
+        per_pair, m = preference_terms(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], self.cfg.beta,
+                                       self.cfg.label_smoothing)  # fmt: skip
+        loss = per_pair.sum() / items_per_micro
+        metrics = {"loss": loss.detach(), **{f"rewards/{k}": v.mean() for k, v in m.items()}}
+        metrics["logps/chosen"], metrics["logps/rejected"] = logps[:, 0].detach().mean(), logps[:, 1].detach().mean()
+        return loss, metrics

@@ -1,0 +1,98 @@
+"""`grpo`: group-relative policy optimisation for captioning (arXiv 2503.01333).
+
+Per image, G completions are sampled; advantage (r - mean_g) / (std_g + eps) (NaN -> 0); per token
+    -[min(rho A, clip(rho, 1 - eps, 1 + eps) A) - beta * k3],  k3 = exp(ref - logp) - (ref - logp) - 1,
+rho = exp(logp - logp_old), summed over the step's completion tokens / their count. Paper defaults:
+G 5, eps 0.2, beta 0.04, reward CIDEr-D, frozen reference = the XE checkpoint, 2 passes over the buffer.
+
+Where rlalign departs from the paper, and why:
+- Buffer: the paper fills a buffer of 640 images, then updates on mini-batches of 8 images. Here the
+  buffer is one loop step (per_device_batch_size x grad_accum_steps images per rank), split into
+  `minibatches` updates per pass: buffer size is a recipe choice, not a constant.
+- Normalisation: token-level over the whole optimizer step on all ranks (the loop's items
+  normaliser), so accumulation and data parallelism give the single-batch gradient; the paper's
+  per-mini-batch token mean is the same when one micro-batch makes a step. `normalize: sequence`
+  averages per-sequence means instead.
+- Std: unbiased sample std (as TRL); `scale_by_std: false` keeps only r - mean (Dr. GRPO).
+- Sampling: seeded per (image, sample), so the same samples come out under any number of ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from rlalign.config.schema import GRPOConfig, Recipe
+from rlalign.rollout.advantage import group_normalized
+from rlalign.rollout.engine import build_engine, completion_logprobs
+
+
+def grpo_token_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv_N: torch.Tensor,
+    clip_eps: float, beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """Per-token loss [N, L] and per-token stats (kl, clipped, ratio), in the inputs' dtype."""
+    ratio = torch.exp(logp - old_logp)
+    adv = adv_N.to(logp.dtype).unsqueeze(1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and beta > 0:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        loss = loss + beta * kl
+    was_clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
+    return loss, {"kl": kl.detach(), "clipped": was_clipped.to(logp.dtype), "ratio": ratio.detach()}
+
+
+def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Sum of per-token losses (`token`) or of per-sequence means (`sequence`) over the micro-batch."""
+    mask = mask.to(per_token.dtype)
+    if normalize == "token":
+        return (per_token * mask).sum()
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+class GRPOObjective:
+    name: ClassVar[str] = "grpo"
+    needs_reference: ClassVar[bool] = True
+    needs_rollout: ClassVar[bool] = True
+    data_kind: ClassVar[str] = "images"
+
+    def __init__(self, cfg: GRPOConfig, *, recipe: Recipe, processor: Any):
+        if cfg.beta > 0 and recipe.model.reference == "none":
+            raise ValueError("objective.grpo.beta > 0 needs model.reference (copy or adapter_disabled)")
+        self.cfg = cfg
+        self.inner_epochs = cfg.inner_epochs
+        self.engine = build_engine(recipe, processor)
+
+    def advantage(self, rewards_N: torch.Tensor, greedy_B: torch.Tensor | None) -> torch.Tensor:
+        return group_normalized(rewards_N, self.cfg.group_size, eps=self.cfg.std_eps, scale_by_std=self.cfg.scale_by_std)
+
+    def rollout(self, model: Any, window: list[dict], *, runtime: Any, reference: Any = None
+                ) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
+        return self.engine(model, window, runtime=runtime, group_size=self.cfg.group_size, with_greedy=False,
+                           advantage=self.advantage, old_logp=True,
+                           reference=reference if self.cfg.beta > 0 else None, minibatches=self.cfg.minibatches)  # fmt: skip
+
+    def count_items(self, batch: dict) -> float:
+        if self.cfg.normalize == "token":
+            return float(batch["completion_mask"].sum())
+        return float(batch["completion_mask"].shape[0])
+
+    def loss(self, model: Any, batch: dict, *, items_per_micro: float, reference: Any = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        logp, entropy = completion_logprobs(model, batch, entropy=True)
+        mask = batch["completion_mask"]
+        per_token, st = grpo_token_loss(logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"],
+                                        self.cfg.clip_eps, self.cfg.beta)  # fmt: skip
+        loss = reduce_loss(per_token, mask, self.cfg.normalize) / items_per_micro
+        return loss, {"loss": loss.detach(), "kl": masked_mean(st["kl"], mask), "clip_frac": masked_mean(st["clipped"], mask),
+                      "entropy": masked_mean(entropy, mask), "ratio_mean": masked_mean(st["ratio"], mask)}  # fmt: skip

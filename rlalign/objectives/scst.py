@@ -1,0 +1,65 @@
+"""`scst`: self-critical sequence training (Rennie et al. 2017).
+
+Loss per token: -A * log pi(token), A = r(sample) - r(greedy decode of the same image), where
+the greedy decode runs under the current policy in the same rollout; `baseline: group_mean`
+uses the mean reward of the image's other samples instead (no greedy decode; "leave one out").
+
+Where rlalign departs from the paper, and why:
+- Normalisation: the paper sums log-probs per sequence and averages over images; here `token`
+  (default) divides the summed loss by the step's completion-token count over all ranks (the
+  loop's items normaliser, exact under accumulation and data parallelism), `sequence` averages
+  per-sequence means. Both only rescale the gradient per step.
+- Reward: CIDEr-D with df cached from the training references (as the paper's code), plus any
+  other weighted reward terms of the recipe.
+- Sampling shares GRPO's rollout path (seeded per image and sample), one optimizer update per rollout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from rlalign.config.schema import Recipe, SCSTConfig
+from rlalign.objectives.grpo import masked_mean, reduce_loss
+from rlalign.rollout.advantage import greedy_baseline, leave_one_out
+from rlalign.rollout.engine import build_engine, completion_logprobs
+
+
+def scst_token_loss(logp: torch.Tensor, adv_N: torch.Tensor) -> torch.Tensor:
+    """Per-token REINFORCE loss [N, L]: -A * log-prob."""
+    return -adv_N.to(logp.dtype).unsqueeze(1) * logp
+
+
+class SCSTObjective:
+    name: ClassVar[str] = "scst"
+    needs_reference: ClassVar[bool] = False
+    needs_rollout: ClassVar[bool] = True
+    data_kind: ClassVar[str] = "images"
+    inner_epochs: int = 1
+
+    def __init__(self, cfg: SCSTConfig, *, recipe: Recipe, processor: Any):
+        self.cfg = cfg
+        self.engine = build_engine(recipe, processor)
+
+    def advantage(self, rewards_N: torch.Tensor, greedy_B: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.baseline == "greedy":
+            return greedy_baseline(rewards_N, greedy_B, self.cfg.num_samples)
+        return leave_one_out(rewards_N, self.cfg.num_samples)
+
+    def rollout(self, model: Any, window: list[dict], *, runtime: Any, reference: Any = None
+                ) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
+        return self.engine(model, window, runtime=runtime, group_size=self.cfg.num_samples,
+                           with_greedy=self.cfg.baseline == "greedy", advantage=self.advantage, old_logp=False)  # fmt: skip
+
+    def count_items(self, batch: dict) -> float:
+        if self.cfg.normalize == "token":
+            return float(batch["completion_mask"].sum())
+        return float(batch["completion_mask"].shape[0])
+
+    def loss(self, model: Any, batch: dict, *, items_per_micro: float, reference: Any = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        logp, entropy = completion_logprobs(model, batch, entropy=True)
+        mask = batch["completion_mask"]
+        loss = reduce_loss(scst_token_loss(logp, batch["advantages"]), mask, self.cfg.normalize) / items_per_micro
+        return loss, {"loss": loss.detach(), "entropy": masked_mean(entropy, mask)}

@@ -1,0 +1,171 @@
+"""The one rollout path of `scst` and `grpo`: sample, score, estimate advantages, log-prob, buffer.
+
+Per loop step: the policy's parameters are gathered once (`Runtime.full_parameters`: ZeRO-3
+gather / FSDP2 unshard) for all generation and old-log-prob forwards of the window; the reference
+then scores the same sequences. The buffer holds one micro-batch per rollout micro-batch (or
+`minibatches` parts of it) with `input_ids` / `attention_mask` of prompt + completion, repeated
+pixel inputs, `completion_mask`, `advantages`, and `old_logp` / `ref_logp` when asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlalign.config.schema import RolloutConfig
+from rlalign.data.collate import TOKEN_ALIGNED
+from rlalign.rewards.combined import CombinedReward
+from rlalign.rollout.sampling import completion_mask, greedy, row_seed, sample_groups
+
+BUFFER_KEYS = ("completion_mask", "advantages", "old_logp", "ref_logp")
+"""Buffer tensors that are not model inputs."""
+COLUMNS = ("image_ids", "refs", "objects")
+"""Per-image batch columns handed (repeated per sample) to the rewards."""
+
+
+def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in BUFFER_KEYS}
+
+
+def completion_logprobs(model: Any, batch: dict, *, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [N, L] (float32) of the completion tokens under `model` (temperature 1), and their entropy."""
+    logits = model(**model_inputs(batch)).logits
+    length = batch["completion_mask"].shape[1]
+    logits = logits[:, -length - 1 : -1].float()
+    logp_all = logits.log_softmax(-1)
+    target = batch["input_ids"][:, -length:]
+    logp = logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1).detach() if entropy else None
+    return logp, ent
+
+
+def _sequences(batch: dict, comp: torch.Tensor, mask: torch.Tensor, group: int) -> dict:
+    """Prompt (repeated per sample) + completion, with every prompt-aligned input repeated alike."""
+    prompt_len = batch["input_ids"].shape[1]
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        value = value.repeat_interleave(group, 0)
+        if key == "input_ids":
+            value = torch.cat([value, comp], 1)
+        elif key == "attention_mask":
+            value = torch.cat([value, mask], 1)
+        elif key in TOKEN_ALIGNED and value.shape[1] == prompt_len:
+            value = torch.cat([value, torch.full_like(comp, TOKEN_ALIGNED[key])], 1)
+        out[key] = value
+    out["completion_mask"] = mask
+    return out
+
+
+def _split(batch: dict, parts: int) -> list[dict]:
+    n = batch["input_ids"].shape[0]
+    if n % parts:
+        raise ValueError(f"{n} sequences per micro-batch do not split into {parts} minibatches")
+    size = n // parts
+    return [{k: v[i * size : (i + 1) * size] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            for i in range(parts)]  # fmt: skip
+
+
+class RolloutEngine:
+    """Samples `group_size` completions per image (+ a greedy decode when asked) and builds the buffer."""
+
+    def __init__(self, cfg: RolloutConfig, reward: CombinedReward, tokenizer: Any, seed: int):
+        self.cfg, self.reward, self.tok, self.seed = cfg, reward, tokenizer, seed
+        self.rollouts = 0
+
+    def __call__(
+        self, model: Any, window: list[dict], *, runtime: Any, group_size: int, with_greedy: bool,
+        advantage: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], old_logp: bool,
+        reference: Any = None, minibatches: int = 1,
+    ) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
+        self.rollouts += 1
+        started, gathers = time.perf_counter(), runtime.param_gathers
+        stats: dict[str, list] = {"reward": [], "adv": [], "length": [], "zero_std": []}
+        parts: dict[str, list] = {}
+        buffer = []
+        bare = runtime.unwrap(model)
+        with runtime.full_parameters(model):
+            was_training = bare.training
+            bare.eval()
+            for raw in window:
+                batch = {k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
+                seeds = [row_seed(self.seed, self.rollouts, iid, g) for iid in batch["image_ids"] for g in range(group_size)]
+                comp = sample_groups(bare, batch, seeds, group_size, self.cfg, self.tok)
+                mask = completion_mask(comp, self.tok.eos_token_id)
+                texts = [t.strip() for t in self.tok.batch_decode(comp * mask + self.tok.pad_token_id * (1 - mask),
+                                                                  skip_special_tokens=True)]  # fmt: skip
+                cols = {k: [v for v in batch[k] for _ in range(group_size)] for k in COLUMNS if k in batch}
+                total, terms = self.reward(texts, cols.pop("image_ids"), **cols)
+                base = None
+                if with_greedy:
+                    g_ids = greedy(bare, batch, self.cfg, self.tok)
+                    g_texts = [t.strip() for t in self.tok.batch_decode(g_ids, skip_special_tokens=True)]
+                    g_cols = {k: batch[k] for k in COLUMNS if k in batch and k != "image_ids"}
+                    base = torch.from_numpy(self.reward(g_texts, batch["image_ids"], **g_cols)[0])
+                    stats.setdefault("greedy_reward", []).append(base.numpy())
+                rewards = torch.from_numpy(total)
+                adv = advantage(rewards, base)
+                seqs = _sequences(batch, comp, mask, group_size)
+                seqs["advantages"] = adv.to(runtime.device, torch.float32)
+                micro = _split(seqs, minibatches)
+                if old_logp:
+                    for mb in micro:
+                        mb["old_logp"] = completion_logprobs(bare, mb)[0].detach()
+                buffer += micro
+                stats["reward"].append(total)
+                stats["adv"].append(adv.numpy())
+                stats["length"].append(mask.sum(1).double().numpy())
+                r_BG = rewards.view(-1, group_size)
+                stats["zero_std"].append((r_BG.max(1).values == r_BG.min(1).values).double().numpy())
+                for name, value in terms.items():
+                    parts.setdefault(name, []).append(value)
+            bare.train(was_training)
+        rollout_s = time.perf_counter() - started
+        started = time.perf_counter()
+        if reference is not None:
+            with torch.no_grad():
+                for mb in buffer:
+                    logits = reference(**model_inputs(mb)).logits
+                    length = mb["completion_mask"].shape[1]
+                    logp_all = logits[:, -length - 1 : -1].float().log_softmax(-1)
+                    mb["ref_logp"] = logp_all.gather(-1, mb["input_ids"][:, -length:].unsqueeze(-1)).squeeze(-1)
+        metrics = self._global_stats(runtime, stats, parts)
+        metrics.update({"time/rollout_s": rollout_s, "time/reference_s": time.perf_counter() - started,
+                        "rollout/param_gathers": float(runtime.param_gathers - gathers)})  # fmt: skip
+        return buffer, metrics
+
+    @staticmethod
+    def _global_stats(runtime: Any, stats: dict[str, list], parts: dict[str, list]) -> dict[str, float]:
+        """Means and stds over every rank's samples (sums of x, x^2 and counts all-reduced)."""
+        series = {f"reward/{k}": np.concatenate(v) for k, v in parts.items()}
+        series.update({"reward": np.concatenate(stats["reward"]), "advantage": np.concatenate(stats["adv"]),
+                       "gen_length": np.concatenate(stats["length"]), "zero_std_groups": np.concatenate(stats["zero_std"])})  # fmt: skip
+        if "greedy_reward" in stats:
+            series["greedy_reward"] = np.concatenate(stats["greedy_reward"])
+        keys = sorted(series)
+        sums = torch.tensor([[series[k].sum(), (series[k] ** 2).sum(), series[k].size] for k in keys], dtype=torch.float64)
+        sums = runtime.all_reduce(sums)
+        out = {}
+        for i, k in enumerate(keys):
+            mean = float(sums[i, 0] / sums[i, 2])
+            out[f"{k}_mean" if k != "zero_std_groups" else k] = mean
+            if k in ("reward", "advantage") or k.startswith("reward/"):
+                out[f"{k}_std"] = max(float(sums[i, 1] / sums[i, 2]) - mean**2, 0.0) ** 0.5
+        return out
+
+
+def build_engine(recipe: Any, processor: Any) -> RolloutEngine:
+    """The rollout engine of a recipe: rewards with df / references from the training split."""
+    from rlalign.data.captions import load_split
+
+    if processor is None:
+        raise ValueError("rollout objectives need the processor (build_objective(recipe, processor))")
+    train = load_split(recipe.data, "train")
+    refs = {iid: caps if isinstance(caps, list) else [caps] for iid, caps in zip(train["image_id"], train["captions"])}
+    reward = CombinedReward(recipe.objective.rewards, refs)
+    return RolloutEngine(recipe.objective.rollout, reward, processor.tokenizer, recipe.trainer.seed)

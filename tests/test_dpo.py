@@ -1,0 +1,201 @@
+"""DPO / rDPO: parity with TRL's DPOTrainer (loss, rewards, gradients), the rDPO visual term against a
+float64 hand computation, cached reference log-probs, bad preference rows."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlalign.config.schema import DataConfig, DPOConfig, RDPOConfig
+from rlalign.data.preference import BadRowError, PreferenceCollator, PreferencePairs, shapes_preferences
+from rlalign.data.shapes import ShapesConfig
+from rlalign.models.tiny import TinyVLMConfig, build_tiny_llava
+from rlalign.objectives.dpo import DPOObjective, sequence_logps
+from rlalign.objectives.rdpo import RDPOObjective, rdpo_terms
+
+SHAPES = ShapesConfig(image_size=48)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny_llava(TinyVLMConfig(image_size=48, vision_hidden=32, text_hidden=64, vocab_size=400), SHAPES)
+    return model.train(), processor
+
+
+@pytest.fixture(scope="module")
+def table():
+    return shapes_preferences(SHAPES, "train", 6)
+
+
+def pairs(table, processor, **kw):
+    return PreferencePairs(table, processor, DataConfig(**kw), retrieved=True)
+
+
+class Ref:
+    """The frozen reference as ReferenceModel calls it (a perturbed copy, so rewards are non-zero)."""
+
+    def __init__(self, model):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        self.forward_calls, self.mode, self.runtime = 0, "copy", _Runtime()
+
+    def __call__(self, **inputs):
+        self.forward_calls += 1
+        return self.model(**inputs)
+
+
+class _Runtime:
+    rank, world_size = 0, 1
+
+    def all_reduce(self, t):
+        return t
+
+
+def test_packed_logps_equal_separate_sequences(tiny, table):
+    model, processor = tiny
+    rows = pairs(table, processor)
+    batch = PreferenceCollator(processor, 48, None, retrieved=True)([rows[i] for i in range(3)])
+    with torch.no_grad():
+        logps = sequence_logps(model, batch, "sum", torch.float32)
+    tok = processor.tokenizer
+    for i in range(3):
+        for col, value in (("chosen", logps[i, 0]), ("rejected", logps[i, 1]), ("retrieved", logps[3 + i, 0])):
+            image = rows[i]["retrieved_image"] if col == "retrieved" else rows[i]["image"]
+            enc = processor(text=[processor.image_token], images=[[image]], return_tensors="pt")
+            resp = tok(rows[i]["chosen" if col == "retrieved" else col], add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([enc["input_ids"][0].tolist() + resp + [tok.eos_token_id]])
+            with torch.no_grad():
+                lp = model(input_ids=ids, pixel_values=enc["pixel_values"]).logits[0].log_softmax(-1)
+            P = enc["input_ids"].shape[1]
+            expected = sum(lp[t - 1, ids[0, t]] for t in range(P, ids.shape[1]))
+            assert float(value) == pytest.approx(float(expected), rel=1e-6), col  # float32 sum order
+
+
+def test_dpo_matches_trl(tiny, table):
+    """Loss, rewards and gradients equal TRL DPOTrainer's (its collator + `_compute_loss`) to 1e-5."""
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer
+
+    model, processor = tiny
+    ref = Ref(model)
+    rows = pairs(table, processor)
+    eos = processor.tokenizer.eos_token
+    trl_rows = [{"images": [rows[i]["image"]], "prompt": processor.image_token + rows[i]["prompt"],
+                 "chosen": rows[i]["chosen"] + eos, "rejected": rows[i]["rejected"] + eos} for i in range(4)]  # fmt: skip
+    policy_trl = copy.deepcopy(model)
+    args = TRLConfig(output_dir="/tmp/trl-parity", beta=0.1, per_device_train_batch_size=4, report_to=[],
+                     use_cpu=True, max_length=None, padding_free=False, bf16=False)  # fmt: skip
+    trainer = DPOTrainer(model=policy_trl, ref_model=ref.model, args=args, processing_class=processor,
+                         train_dataset=Dataset.from_list([{k: v for k, v in r.items()} for r in trl_rows]))  # fmt: skip
+    trl_batch = trainer.data_collator([dict(r) for r in trl_rows])
+    trl_loss = trainer.compute_loss(trainer.model, trl_batch)
+    trl_loss.backward()
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    ours_model = copy.deepcopy(model)
+    batch = PreferenceCollator(processor, 48, None, retrieved=False)([rows[i] for i in range(4)])
+    loss, metrics = DPOObjective(DPOConfig(beta=0.1)).loss(ours_model, batch, items_per_micro=4, reference=ref)
+    loss.backward()
+    assert float(loss) == pytest.approx(float(trl_loss), abs=1e-5)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert float(metrics[k]) == pytest.approx(trl_metrics[k], abs=1e-5), k
+    assert abs(float(metrics["rewards/margins"])) > 1e-3  # a non-trivial case
+    grads = dict(policy_trl.named_parameters())
+    worst = max(float((p.grad - grads[n].grad).abs().max()) for n, p in ours_model.named_parameters() if p.grad is not None)
+    assert worst < 1e-5, worst
+
+
+def test_rdpo_visual_term_equals_float64_hand_computation():
+    logps = torch.tensor([[-10.0, -12.5], [-7.25, -7.0], [-11.0, 0.0], [-6.5, 0.0]])  # rows: (w, l|v) x2, (w|v_l) x2
+    ref = torch.tensor([[-10.5, -12.0], [-7.0, -7.5], [-10.0, 0.0], [-7.0, 0.0]])
+    cfg = RDPOConfig(beta=0.1, dpo_weight=0.7, visual_weight=1.3)
+    loss, m = rdpo_terms(logps.double(), ref.double(), cfg)
+    for i in range(2):
+        b = 0.1
+        dw, dl, dwl = logps[i, 0] - ref[i, 0], logps[i, 1] - ref[i, 1], logps[2 + i, 0] - ref[2 + i, 0]
+        text = -torch.log(torch.sigmoid(b * (dw - dl).double()))
+        visual = -torch.log(torch.sigmoid(b * (dw - dwl).double()))
+        assert float(loss[i]) == pytest.approx(float(0.7 * text + 1.3 * visual), abs=1e-12)
+    assert float(m["visual/accuracies"]) == 0.5  # pair 0: dw=0.5 > dwl=-1; pair 1: dw=-0.25 < dwl=0.5
+    anchored, _ = rdpo_terms(logps.double(), ref.double(), RDPOConfig(beta=0.1, anchor_weight=1.0))
+    plain, _ = rdpo_terms(logps.double(), ref.double(), RDPOConfig(beta=0.1))
+    assert torch.allclose(anchored - plain, -F.logsigmoid(0.1 * (logps[:2, 0] - ref[:2, 0])).double())
+
+
+@pytest.mark.parametrize("objective", ["dpo", "rdpo"])
+def test_cached_reference_equals_live_and_second_epoch_runs_none(tmp_path, tiny, table, objective):
+    model, processor = tiny
+    rows = pairs(table, processor)
+    retrieved = objective == "rdpo"
+    collate = PreferenceCollator(processor, 48, None, retrieved=retrieved)
+    batches = [collate([rows[i] for i in (0, 1, 2)]), collate([rows[i] for i in (3, 4, 5)])]
+    Obj, Cfg = (RDPOObjective, RDPOConfig) if retrieved else (DPOObjective, DPOConfig)
+    live_ref, cached_ref = Ref(model), Ref(model)
+    cached_ref.model.load_state_dict(live_ref.model.state_dict())
+    live, cached = Obj(Cfg()), Obj(Cfg(ref_cache_dir=str(tmp_path / "cache")))
+    with torch.no_grad():
+        for epoch in range(2):
+            for b in batches:
+                a, _ = live.loss(model, b, items_per_micro=3, reference=live_ref)
+                c, _ = cached.loss(model, b, items_per_micro=3, reference=cached_ref)
+                assert float(c) == pytest.approx(float(a), abs=1e-6)
+            if epoch == 0:
+                assert cached_ref.forward_calls == 2
+        assert cached_ref.forward_calls == 2 and live_ref.forward_calls == 4  # epoch 2: no reference forward
+        cached.cache.flush()
+        later_run = Obj(Cfg(ref_cache_dir=str(tmp_path / "cache")))  # a later run reads the shards from disk
+        fresh_ref = Ref(model)
+        fresh_ref.model.load_state_dict(live_ref.model.state_dict())
+        c, _ = later_run.loss(model, batches[0], items_per_micro=3, reference=fresh_ref)
+        assert fresh_ref.forward_calls == 0
+        other_ref = Ref(model)  # other weights: another fingerprint, so the cache misses
+        Obj(Cfg(ref_cache_dir=str(tmp_path / "cache"))).loss(model, batches[0], items_per_micro=3, reference=other_ref)
+        assert other_ref.forward_calls == 1
+
+
+def _bad(table, column, value, row=2):
+    rows = table.to_list()
+    rows[row][column] = value
+    from datasets import Dataset
+
+    return Dataset.from_list(rows, features=table.features if column not in ("images", "retrieved_images") else None)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "kw", "needle"),
+    [
+        ("images", ["/nope/missing.png"], {}, "row 2, column 'images': missing image file"),
+        ("retrieved_images", ["/nope/r.png"], {}, "row 2, column 'retrieved_images': missing image file"),
+        ("chosen", "  ", {}, "row 2, column 'chosen': empty text"),
+        ("rejected", "", {}, "row 2, column 'rejected': empty text"),
+        ("prompt", "describe", {"max_length": 10}, "column 'prompt': image tokens would be truncated"),
+    ],
+    ids=["missing-image", "missing-retrieved", "empty-chosen", "empty-rejected", "image-tokens-truncated"],
+)
+def test_bad_rows_fail_with_row_and_column_or_are_skipped(tiny, table, caplog, column, value, kw, needle):
+    _, processor = tiny
+    if column in ("images", "retrieved_images"):
+        from datasets import Dataset
+
+        rows = [{k: (v if k not in ("images", "retrieved_images") else [f"/tmp/t/{i}-{k}.png"]) for k, v in r.items()}
+                for i, r in enumerate(table.to_list())]  # fmt: skip
+        for i, r in enumerate(table):
+            r["images"][0].save(f"/tmp/t/{i}-images.png")
+            r["retrieved_images"][0].save(f"/tmp/t/{i}-retrieved_images.png")
+        rows[2][column] = value
+        bad = Dataset.from_list(rows)
+    else:
+        bad = _bad(table, column, value)
+    with pytest.raises(BadRowError, match=needle.replace("(", r"\(")):
+        pairs(bad, processor, **kw)
+    with caplog.at_level(logging.WARNING):
+        kept = pairs(bad, processor, skip_bad_rows=True, **kw)
+    assert kept.skipped == (1 if column != "prompt" else len(bad)) or column == "prompt"
+    assert "skipped" in caplog.text
