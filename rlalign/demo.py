@@ -1,11 +1,10 @@
 """`rlalign demo`: the whole chain on the shapes world, on a CPU, offline, with a report.
 
-Stages run as `rlalign train` subprocesses, exactly as a user would run them, then every model is
-evaluated on the test split. The report folder holds report.md (tables, plots, sample captions),
-report.json (all figures, for machines) and the run folders.
-
-Today's chain: XE warm start from a random tiny Llava. Later stages (SCST / GRPO, pairs, DPO /
-rDPO) add themselves to `STAGES`.
+XE warm start from a random tiny Llava -> SCST and GRPO from the XE checkpoint -> RE-ALIGN pairs
+built with the XE policy -> DPO and rDPO from the XE checkpoint on those pairs. Every stage runs as
+an `rlalign` subprocess, exactly as a user would run it; then every model is evaluated on the test
+split. The report folder holds report.md (tables, plots, samples), report.json (every figure) and
+the run folders. XE and the pairs run once; the RL and preference stages once per seed.
 """
 
 from __future__ import annotations
@@ -15,58 +14,95 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rlalign.config import load_recipe  # noqa: E402
 from rlalign.config.loader import RECIPES_DIR  # noqa: E402
-from rlalign.evaluate import CaptionEval, evaluate_captioner  # noqa: E402
+from rlalign.evaluate import CaptionEval, diversity, evaluate_captioner, load_model  # noqa: E402
 from rlalign.models.builder import build_policy  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-QUICK = ["trainer.max_steps=40", "trainer.eval_every=20", "data.train_size=200", "data.val_size=32",
-         "data.test_size=32", "trainer.eval_size=32"]  # fmt: skip
-SHOWN = ["cider_d", "bleu4", "hallucination_rate", "shape_precision", "shape_recall", "object_precision"]
+QUICK = ["data.train_size=200", "data.val_size=32", "data.test_size=32", "trainer.eval_size=32"]
+SHOWN = ["cider_d", "bleu4", "hallucination_rate", "shape_precision", "object_precision", "distinct_2", "self_bleu"]
 
 
 @dataclass
 class Stage:
     name: str
+    command: str  # "train" or "pairs build"
     recipe: str
-    seed_key: str = "trainer.seed"
+    inputs: Callable[[Path], list[str]]
+    """Overrides that point the stage at what earlier stages wrote (given the runs folder)."""
+    seeded: bool = True
+    quick: tuple[str, ...] = ("trainer.max_steps=6",)
 
 
-STAGES = [Stage("xe", "demo/shapes-xe.yaml")]
+def _xe(runs: Path) -> list[str]:
+    return [f"model.name_or_path={runs / 'xe' / 'final'}"]
 
 
-def _train(stage: Stage, out: Path, seed: int, quick: bool) -> Path:
-    run_dir = out / "runs" / f"{stage.name}-seed{seed}"
-    cmd = [sys.executable, "-m", "rlalign.cli", "train", str(RECIPES_DIR / stage.recipe),
-           f"trainer.output_dir={run_dir}", f"{stage.seed_key}={seed}", "tracking.backend=none",
-           *(QUICK if quick else [])]  # fmt: skip
-    log.info("stage %s (seed %d): %s", stage.name, seed, " ".join(cmd[3:]))
+def _pairs_for(name: str) -> Callable[[Path], list[str]]:
+    return lambda runs: [*_xe(runs), f"data.pairs_path={runs / 'pairs' / 'pairs.parquet'}",
+                         f"objective.{name}.ref_cache_dir={runs / f'ref-logps-{name}'}"]  # fmt: skip
+
+
+STAGES = [
+    Stage("xe", "train", "demo/shapes-xe.yaml", lambda runs: [], seeded=False,
+          quick=("trainer.max_steps=40", "trainer.eval_every=20")),
+    Stage("scst", "train", "demo/shapes-scst.yaml", _xe),
+    Stage("grpo", "train", "demo/shapes-grpo.yaml", _xe, quick=("trainer.max_steps=3",)),
+    Stage("pairs", "pairs build", "demo/shapes-pairs.yaml",
+          lambda runs: [*_xe(runs), f"pairs.output_dir={runs / 'pairs'}",
+                        f"pairs.embedder.cache_dir={runs / 'embedding-cache'}"],
+          seeded=False, quick=("pairs.pool_size=48", "pairs.shard_size=16")),
+    Stage("dpo", "train", "demo/shapes-dpo.yaml", _pairs_for("dpo")),
+    Stage("rdpo", "train", "demo/shapes-rdpo.yaml", _pairs_for("rdpo")),
+]  # fmt: skip
+
+
+def _run_dir(runs: Path, stage: Stage, seed: int) -> Path:
+    return runs / (f"{stage.name}-seed{seed}" if stage.seeded else stage.name)
+
+
+def _run(stage: Stage, runs: Path, seed: int, quick: bool) -> Path:
+    out = _run_dir(runs, stage, seed)
+    cmd = [sys.executable, "-m", "rlalign.cli", *stage.command.split(), str(RECIPES_DIR / stage.recipe),
+           f"trainer.output_dir={out}", f"trainer.seed={seed}", "tracking.backend=none", *stage.inputs(runs),
+           *((*QUICK, *stage.quick) if quick else ())]  # fmt: skip
+    log.info("stage %s%s: rlalign %s", stage.name, f" (seed {seed})" if stage.seeded else "", " ".join(cmd[3:]))
     started = time.perf_counter()
     subprocess.run(cmd, check=True)
     log.info("stage %s done in %.0f s", stage.name, time.perf_counter() - started)
-    return run_dir
+    return out
 
 
-def _curve(run_dirs: dict[str, list[Path]], path: Path) -> None:
+def _history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _plot_curves(runs_by_stage: dict[str, list[Path]], key: str, title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, dirs in run_dirs.items():
-        for i, d in enumerate(dirs):
-            rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-            label = name if i == 0 else None
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], alpha=0.5, label=f"{label} train" if label else None)
-            val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
-            ax.plot(*zip(*val), "o-", label=f"{label} val" if label else None)
-    ax.set(xlabel="optimizer step", ylabel="token NLL", title="XE learning curve (shapes world)")
+    for name, dirs in runs_by_stage.items():
+        curves = [[(r["step"], r[key]) for r in _history(d) if key in r] for d in dirs]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        steps = np.array([s for s, _ in curves[0][:n]])
+        values = np.array([[v for _, v in c[:n]] for c in curves])
+        ax.plot(steps, values.mean(0), label=f"{name} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), alpha=0.2)
+    ax.set(xlabel="step", ylabel=key, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -74,68 +110,115 @@ def _curve(run_dirs: dict[str, list[Path]], path: Path) -> None:
     plt.close(fig)
 
 
-def _samples(evals: dict[str, CaptionEval], path: Path, n: int = 6) -> None:
+def _plot_samples(evals: dict[str, CaptionEval], path: Path, n: int = 6) -> None:
     first = next(iter(evals.values()))
-    fig, axes = plt.subplots(n, 1, figsize=(9, 1.5 * n))
-    for i, ax in enumerate(axes):
+    n = min(n, len(first.samples))
+    fig, axes = plt.subplots(n, 1, figsize=(10, 1.6 * n))
+    for i, ax in enumerate(np.atleast_1d(axes)):
         sample = first.samples[i]
         ax.imshow(sample["image"])
         ax.set_axis_off()
-        lines = [f"{name}: {e.samples[i]['caption']}" for name, e in evals.items()] + [f"ref: {sample['refs'][0]}"]
-        ax.text(1.08, 0.5, "\n".join(lines), transform=ax.transAxes, va="center", fontsize=8, family="monospace")
-    fig.subplots_adjust(left=0.01, right=0.2, hspace=0.3)
+        lines = [f"{name:>5}: {e.samples[i]['caption']}" for name, e in evals.items()] + [f"  ref: {sample['refs'][0]}"]
+        ax.text(1.08, 0.5, "\n".join(lines), transform=ax.transAxes, va="center", fontsize=7, family="monospace")
+    fig.subplots_adjust(left=0.01, right=0.15, hspace=0.35)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def _table(rows: dict[str, dict[str, float]]) -> str:
+def _table(rows: dict[str, dict[str, float]], spread: dict[str, dict[str, float]]) -> str:
     head = "| model | " + " | ".join(SHOWN) + " |\n|---|" + "---|" * len(SHOWN) + "\n"
-    return head + "".join(
-        f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k in SHOWN) + " |\n" for name, m in rows.items()
-    )
+
+    def cell(name: str, key: str) -> str:
+        value = rows[name].get(key)
+        if value is None:
+            return "–"
+        sd = spread.get(name, {}).get(key)
+        return f"{value:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+    return head + "".join(f"| {name} | " + " | ".join(cell(name, k) for k in SHOWN) + " |\n" for name in rows)
+
+
+def _evaluate(model_dir: Path, data, limit: int | None) -> dict[str, float]:
+    model, processor = load_model(model_dir)
+    result = evaluate_captioner((model, processor), data, split="test", limit=limit)
+    result.metrics.update(diversity(model, processor, data, limit=min(limit or 50, 50)))
+    return result
 
 
 def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str] | None = None) -> Path:
-    """Train the stages (all by default) for `seeds` seeds, evaluate, write `out/report.md`; returns its path."""
-    chosen = [s for s in STAGES if stages is None or s.name in stages]
-    unknown = set(stages or []) - {s.name for s in STAGES}
+    """Run the stages (all by default; an earlier stage a chosen one needs must have run), evaluate,
+    write `out/report.md`; returns its path."""
+    names = [s.name for s in STAGES]
+    unknown = set(stages or []) - set(names)
     if unknown:
-        raise ValueError(f"unknown demo stage(s) {sorted(unknown)} (valid: {', '.join(s.name for s in STAGES)})")
-    out.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"unknown demo stage(s) {sorted(unknown)} (valid: {', '.join(names)})")
+    chosen = [s for s in STAGES if stages is None or s.name in stages]
+    runs = out / "runs"
     started = time.perf_counter()
-    run_dirs = {s.name: [_train(s, out, seed, quick) for seed in range(seeds)] for s in chosen}
-    recipe = load_recipe(RECIPES_DIR / STAGES[0].recipe, QUICK if quick else [])
-    data = recipe.data
-    evals = {"init": evaluate_captioner(build_policy(recipe.model, data), data, split="test")}
-    for name, dirs in run_dirs.items():
-        evals[name] = evaluate_captioner(dirs[0] / "final", data, split="test")
-    rows = {name: e.metrics for name, e in evals.items()}
-    rows["chance"] = {k.removeprefix("chance/"): v for k, v in evals["xe"].metrics.items() if k.startswith("chance/")}
-    val = {}
-    for name, dirs in run_dirs.items():
-        lines = [json.loads(line) for line in (dirs[0] / "metrics.jsonl").read_text().splitlines()]
-        vals = [r["val/loss"] for r in lines if "val/loss" in r]
-        val[name] = {"first": vals[0], "last": vals[-1]}
-    _curve(run_dirs, out / "learning_curve.png")
-    _samples(evals, out / "samples.png")
-    elapsed = time.perf_counter() - started
-    report = {"metrics": rows, "val_loss": val, "seeds": seeds, "quick": quick, "elapsed_s": elapsed,
-              "test_images": len(evals["xe"].image_ids)}  # fmt: skip
+    timings: dict[str, float] = {}
+    done: dict[str, list[Path]] = {}
+    for stage in chosen:
+        t0 = time.perf_counter()
+        done[stage.name] = [_run(stage, runs, seed, quick) for seed in (range(seeds) if stage.seeded else [0])]
+        timings[stage.name] = time.perf_counter() - t0
+    recipe = load_recipe(RECIPES_DIR / "demo/shapes-xe.yaml", list(QUICK) if quick else [])
+    data, limit = recipe.data, None
+    init_model, init_processor = build_policy(recipe.model, data)
+    init = evaluate_captioner((init_model.eval(), init_processor), data, split="test")
+    evals: dict[str, list[CaptionEval]] = {"init": [init]}
+    for name, dirs in done.items():
+        if name != "pairs":
+            evals[name] = [_evaluate(d / "final", data, limit) for d in dirs]
+    rows = {name: {k: float(np.mean([e.metrics[k] for e in es])) for k in es[0].metrics} for name, es in evals.items()}
+    spread = {name: {k: float(np.std([e.metrics[k] for e in es])) for k in es[0].metrics}
+              for name, es in evals.items() if len(es) > 1}  # fmt: skip
+    anchor = "xe" if "xe" in evals else "init"
+    rows["chance"] = {k.removeprefix("chance/"): v for k, v in rows[anchor].items() if k.startswith("chance/")}
+    report: dict = {"metrics": rows, "spread": spread, "seeds": seeds, "quick": quick, "stage_seconds": timings,
+                    "test_images": len(init.image_ids)}  # fmt: skip
+    md = ["# rlalign demo: the shapes world\n",
+          f"A tiny Llava from random weights, trained on CPU. {len(init.image_ids)} held-out test images, greedy "
+          f"captions; {seeds} seed(s) per RL / preference method (mean ± std over seeds). "
+          f"Stage times: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}"
+          f"{' (quick mode)' if quick else ''}.\n",
+          "## Test split\n", _table(rows, spread),
+          "\n`chance`: each image scored against another image's reference caption (a model that ignores its "
+          "input). hallucination_rate: share of mentioned shapes and colours not in the image (lower is better). "
+          "distinct_2 / self_bleu: diversity over 5 sampled captions per image (higher / lower is more diverse).\n"]  # fmt: skip
+    if "xe" in done:
+        hist = _history(done["xe"][0])
+        vals = [r["val/loss"] for r in hist if "val/loss" in r]
+        report["val_loss"] = {"xe": {"first": vals[0], "last": vals[-1]}}
+        _plot_curves({"xe": done["xe"]}, "val/loss", "XE validation loss", out / "learning_curve.png")
+        md += ["## XE\n", f"Validation loss {vals[0]:.3f} (first eval) → {vals[-1]:.3f} (last).\n",
+               "![learning curve](learning_curve.png)\n"]  # fmt: skip
+    rl = {k: v for k, v in done.items() if k in ("scst", "grpo")}
+    if rl:
+        _plot_curves(rl, "reward_mean", "sampled-caption reward (CIDEr-D), spread across seeds", out / "rewards.png")
+        md += ["## SCST and GRPO\n", "Both start from the XE checkpoint with the same budget of sampled captions.\n",
+               "![rewards](rewards.png)\n"]  # fmt: skip
+    if "pairs" in done:
+        from datasets import Dataset
+
+        from rlalign.retrieval.pair_report import pair_stats, render_pairs
+
+        pairs = Dataset.from_parquet(str(done["pairs"][0] / "pairs.parquet"))
+        report["pairs"] = pair_stats(pairs)
+        render_pairs(pairs, out / "pairs.png", 4)
+        md += ["## RE-ALIGN pairs\n", "```\n" + json.dumps(report["pairs"], indent=1) + "\n```\n",
+               "![pairs](pairs.png)\n"]  # fmt: skip
+    pref = {k: v for k, v in done.items() if k in ("dpo", "rdpo")}
+    if pref:
+        report["preference"] = {k: {m: v for m, v in _history(dirs[0])[-1].items() if m.startswith("val/")}
+                                for k, dirs in pref.items()}  # fmt: skip
+        _plot_curves(pref, "rewards/margins", "DPO / rDPO reward margin (train)", out / "preference.png")
+        md += ["## DPO and rDPO\n", "Final validation preference metrics (seed 0):\n",
+               "```\n" + json.dumps(report["preference"], indent=1) + "\n```\n", "![margins](preference.png)\n"]
+    shown = {name: es[0] for name, es in evals.items()}
+    _plot_samples(shown, out / "samples.png")
+    md += ["## Sample captions\n", "![samples](samples.png)\n"]
+    report["elapsed_s"] = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    md = [
-        "# rlalign demo: the shapes world\n",
-        f"A tiny Llava (random init) trained on CPU; {len(evals['xe'].image_ids)} held-out test images, greedy "
-        f"captions. Total time {elapsed:.0f} s{' (quick mode)' if quick else ''}.\n",
-        "## Test split\n",
-        _table(rows),
-        "\n`chance`: each image scored against another image's reference caption (a model that ignores its input). "
-        "hallucination_rate: share of mentioned shapes and colours that are not in the image (lower is better).\n",
-        "## Learning curve\n",
-        f"XE validation loss {val['xe']['first']:.3f} (first eval) → {val['xe']['last']:.3f} (last).\n",
-        "![learning curve](learning_curve.png)\n",
-        "## Sample captions\n",
-        "![samples](samples.png)\n",
-    ]
-    md += [f"- `{e.image_ids[i]}` xe: *{e.captions[i]}*\n" for e in [evals["xe"]] for i in range(min(8, len(e.captions)))]
     (out / "report.md").write_text("\n".join(md))
     return out / "report.md"

@@ -23,7 +23,7 @@ from rlalign.config.schema import DataConfig
 from rlalign.data.captions import load_split
 from rlalign.data.collate import encode_prompts
 from rlalign.data.shapes import COLOR_WORDS, SHAPE_WORDS, mentioned
-from rlalign.rewards import CiderD, corpus_bleu
+from rlalign.rewards import CiderD, corpus_bleu, self_bleu
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +125,22 @@ def evaluate_captioner(
     samples = [{"image": images[i], "image_id": ids[i], "caption": captions[i], "refs": refs[i]}
                for i in range(min(n_samples, len(ids)))]  # fmt: skip
     return CaptionEval(metrics=metrics, captions=captions, image_ids=list(ids), samples=samples)
+
+
+def diversity(model: torch.nn.Module, processor: Any, data: DataConfig, *, split: str = "test", limit: int = 50,
+              samples: int = 5, temperature: float = 1.0) -> dict[str, float]:  # fmt: skip
+    """distinct-1/2 (unique n-grams / n-grams over all samples) and mean self-BLEU of `samples` sampled
+    captions per image, on the first `limit` images of `split` (seeded, so reruns agree)."""
+    ds = load_split(data, split).select(range(limit))
+    images = [im for im in ds["image"] for _ in range(samples)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        caps = generate_captions(model, processor, images, data.prompt, max_new_tokens=data.max_response_tokens,
+                                 do_sample=True, temperature=temperature)  # fmt: skip
+    out = {}
+    for n in (1, 2):
+        grams = [tuple(w[i : i + n]) for c in caps for w in [c.split()] for i in range(len(w) - n + 1)]
+        out[f"distinct_{n}"] = len(set(grams)) / max(len(grams), 1)
+    groups = [caps[i : i + samples] for i in range(0, len(caps), samples)]
+    out["self_bleu"] = float(np.mean([self_bleu(g) for g in groups]))
+    return out

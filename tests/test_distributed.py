@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import ROOT, TINY, free_port, launch_cmd, losses, run, make_env
+from conftest import ROOT, TINY, free_port, launch_cmd, losses, make_env, run
 
 pytestmark = pytest.mark.distributed
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlalign.config.schema import DataConfig, DPOConfig, RDPOConfig
+from rlalign.config.schema import DataConfig, DPOConfig, RDPOConfig, TinyModelConfig
 from rlalign.data.preference import BadRowError, PreferenceCollator, PreferencePairs, shapes_preferences
 from rlalign.data.shapes import ShapesConfig
-from rlalign.models.tiny import TinyVLMConfig, build_tiny_llava
+from rlalign.models.tiny import build_tiny_llava
 from rlalign.objectives.dpo import DPOObjective, sequence_logps
 from rlalign.objectives.rdpo import RDPOObjective, rdpo_terms
 
@@ -22,7 +22,7 @@ SHAPES = ShapesConfig(image_size=48)
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, processor = build_tiny_llava(TinyVLMConfig(image_size=48, vision_hidden=32, text_hidden=64, vocab_size=400), SHAPES)
+    model, processor = build_tiny_llava(TinyModelConfig(vision_hidden=32, text_hidden=64, vocab_size=400), SHAPES)
     return model.train(), processor
 
 

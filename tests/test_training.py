@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, losses, metrics, rlalign, run, BIN, make_env
+from conftest import BIN, TINY, losses, make_env, metrics, rlalign, run
 
 
 def test_accumulation_invariance(tmp_path, single_run):

@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from rlalign.config.schema import DataConfig, DPOConfig, RDPOConfig
+from rlalign.config.schema import DataConfig, DPOConfig, RDPOConfig, TinyModelConfig
 from rlalign.data.preference import PreferenceCollator, PreferencePairs, shapes_preferences
 from rlalign.data.shapes import ShapesConfig
-from rlalign.models.tiny import TinyVLMConfig, build_tiny_llava
+from rlalign.models.tiny import build_tiny_llava
 from rlalign.objectives.dpo import DPOObjective
 from rlalign.objectives.rdpo import RDPOObjective
 
@@ -57,7 +57,7 @@ def run(args: list[str]) -> dict:
     datasets.disable_progress_bars()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = ShapesConfig(image_size=a.image_size)
-    base, processor = build_tiny_llava(TinyVLMConfig(image_size=a.image_size, text_hidden=a.text_hidden), shapes)
+    base, processor = build_tiny_llava(TinyModelConfig(text_hidden=a.text_hidden), shapes)
     table = shapes_preferences(shapes, "train", a.batch * a.steps)
     rows = PreferencePairs(table, processor, DataConfig(), retrieved=True)
     batches = [[rows[i] for i in range(s * a.batch, (s + 1) * a.batch)] for s in range(a.steps)]

@@ -174,7 +174,8 @@ def _check_references(recipe: Recipe) -> None:
         raise RecipeError(
             f"objective.name: unknown objective '{recipe.objective.name}' (valid: {', '.join(sorted(OBJECTIVES))})"
         )
-    if recipe.data.source == "local" and not Path(recipe.data.path).expanduser().exists():
+    local = recipe.data.source == "local" and recipe.data.path.startswith(("/", ".", "~"))
+    if local and not Path(recipe.data.path).expanduser().exists():  # relative paths: the user's, checked at load
         raise RecipeError(f"data.path: file not found: {recipe.data.path}")
     name = recipe.model.name_or_path
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():

@@ -56,6 +56,10 @@ class TinyModelConfig:
     init_std: float = 0.1
     """Std of the random initial weights (HF initializer_range)."""
 
+    def __post_init__(self) -> None:
+        if self.text_hidden % self.heads or self.vision_hidden % self.heads:
+            raise ValueError(f"hidden sizes must be divisible by heads={self.heads}")
+
 
 @dataclass(kw_only=True)
 class ModelConfig:

@@ -15,7 +15,7 @@ import torch
 
 from rlalign.config.schema import DataConfig, ModelConfig
 from rlalign.data.shapes import ShapesConfig
-from rlalign.models.tiny import TinyVLMConfig, build_tiny_llava
+from rlalign.models.tiny import build_tiny_llava
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,8 @@ VISION_MODULES = ("vision_tower", "visual", "vision_model", "multi_modal_project
 def load_base(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torch.nn.Module, Any]:
     """The bare pretrained (or built-in) model and processor, before LoRA/freezing."""
     if cfg.name_or_path == BUILTIN_TINY:
-        t = cfg.tiny
-        image_size = data.image_size if data else 48
-        tiny = TinyVLMConfig(
-            image_size=image_size, patch_size=t.patch_size, vision_hidden=t.vision_hidden,
-            vision_layers=t.vision_layers, text_hidden=t.text_hidden, text_layers=t.text_layers,
-            heads=t.heads, vocab_size=t.vocab_size, init_seed=t.init_seed, init_std=t.init_std,
-        )  # fmt: skip
-        shapes = ShapesConfig(seed=data.seed if data else 0, image_size=image_size)
-        model, processor = build_tiny_llava(tiny, shapes)
+        shapes = ShapesConfig(seed=data.seed if data else 0, image_size=data.image_size if data else 48)
+        model, processor = build_tiny_llava(cfg.tiny, shapes)
         return model.to(DTYPES[cfg.dtype]), processor
     from transformers import AutoModelForImageTextToText
 

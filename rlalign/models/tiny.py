@@ -8,8 +8,6 @@ every code path that serves real checkpoints serve it too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -22,41 +20,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from rlalign.config.schema import TinyModelConfig
 from rlalign.data.shapes import ShapesConfig, corpus
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class TinyVLMConfig:
-    """Sizes of the built-in tiny Llava (`model.name_or_path: builtin:tiny-llava`)."""
-
-    image_size: int = 48
-    """Input image side in pixels; must match the data's image size."""
-    patch_size: int = 16
-    """Vision patch side; (image_size / patch_size)^2 image tokens per image."""
-    vision_hidden: int = 64
-    """Hidden size of the vision tower."""
-    vision_layers: int = 2
-    """Transformer layers in the vision tower."""
-    text_hidden: int = 128
-    """Hidden size of the Llama text model."""
-    text_layers: int = 2
-    """Transformer layers in the text model."""
-    heads: int = 4
-    """Attention heads (vision and text)."""
-    vocab_size: int = 512
-    """Target size of the BPE vocabulary trained on the shapes corpus."""
-    init_seed: int = 0
-    """Seed of the random initial weights: every rank builds the same model."""
-    init_std: float = 0.1
-    """Std of the random initial weights (HF's initializer_range)."""
-
-    def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
-        if self.text_hidden % self.heads or self.vision_hidden % self.heads:
-            raise ValueError(f"hidden sizes must be divisible by heads={self.heads}")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -84,13 +51,18 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 
 def build_tiny_llava(
-    config: TinyVLMConfig, shapes: ShapesConfig | None = None
+    config: TinyModelConfig, shapes: ShapesConfig | None = None
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Random-initialised tiny Llava and its processor, identical on every call with the same config."""
-    tokenizer = train_tokenizer(corpus(shapes or ShapesConfig(image_size=config.image_size)), config.vocab_size)
+    """Random-initialised tiny Llava and its processor for `shapes` images (tokenizer trained on its
+    captions), identical on every call with the same configs."""
+    shapes = shapes or ShapesConfig()
+    image_size = shapes.image_size
+    if image_size % config.patch_size:
+        raise ValueError(f"image size {image_size} must be a multiple of model.tiny.patch_size {config.patch_size}")
+    tokenizer = train_tokenizer(corpus(shapes), config.vocab_size)
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": config.image_size},
-        crop_size={"height": config.image_size, "width": config.image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,
         do_convert_rgb=True,
         image_mean=[0.5, 0.5, 0.5],
@@ -104,13 +76,13 @@ def build_tiny_llava(
         num_additional_image_tokens=1,
         image_token="<image>",
     )
-    n_image_tokens = (config.image_size // config.patch_size) ** 2
+    n_image_tokens = (image_size // config.patch_size) ** 2
     vision = CLIPVisionConfig(
         hidden_size=config.vision_hidden,
         intermediate_size=config.vision_hidden * 2,
         num_hidden_layers=config.vision_layers,
         num_attention_heads=config.heads,
-        image_size=config.image_size,
+        image_size=image_size,
         patch_size=config.patch_size,
         projection_dim=config.vision_hidden,
         initializer_range=config.init_std,
