@@ -121,4 +121,6 @@ def test_sampling_is_seeded_per_image_not_per_batch(tiny_setup):
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=tok.pad_token_id)  # noqa: E731
     assert torch.equal(pad(whole), torch.cat([pad(h) for h in halves]))
     repeated = {k: v.repeat_interleave(G, 0) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    assert torch.equal(whole, sample_groups(policy, repeated, seeds, 1, cfg, tok))  # same as G-times pixel values
+    assert torch.equal(
+        whole, sample_groups(policy, repeated, seeds, 1, cfg, tok)
+    )  # same as G-times pixel values

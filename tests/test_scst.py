@@ -45,20 +45,21 @@ def test_zero_advantage_gives_no_gradient():
     assert logp.grad.eq(0).all()
 
 
-def test_hallucination_penalty_and_weighted_terms():
+def test_hallucination_penalty_and_weighted_terms(tmp_path, monkeypatch):
+    (tmp_path / "user_rewards.py").write_text(
+        "def length_reward(samples, image_ids, **columns):\n    return [len(s.split()) for s in samples]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # a user's module, importable as `module:function`
     objs = [[{"shape": "circle", "color": "red"}], [{"shape": "square", "color": "blue"}]]
     samples = ["a red circle", "a red disc and a green box"]
     pen = hallucination_penalty(samples, ["a", "b"], objects=objs)
     assert pen.tolist() == [0.0, -0.75]  # red, disc(circle), green wrong; box(square) right
     refs = {"a": ["a red circle in the center"], "b": ["a blue square at the top"]}
     reward = CombinedReward([RewardConfig(name="cider", weight=2.0), RewardConfig(name="hallucination", weight=0.5),
-                             RewardConfig(name="tests.test_scst:length_reward", weight=1.0)], refs)  # fmt: skip
+                             RewardConfig(name="user_rewards:length_reward", weight=1.0)], refs)  # fmt: skip
     total, parts = reward(samples, ["a", "b"], objects=objs)
-    assert set(parts) == {"cider", "hallucination", "tests.test_scst:length_reward"}
-    assert total.tolist() == pytest.approx((2 * parts["cider"] + 0.5 * pen + parts["tests.test_scst:length_reward"]).tolist())
-    assert parts["tests.test_scst:length_reward"].tolist() == [3.0, 7.0]
-
-
-def length_reward(samples, image_ids, **columns):
-    """A user reward given as `module:function`: the number of words."""
-    return [len(s.split()) for s in samples]
+    assert set(parts) == {"cider", "hallucination", "user_rewards:length_reward"}
+    assert total.tolist() == pytest.approx(
+        (2 * parts["cider"] + 0.5 * pen + parts["user_rewards:length_reward"]).tolist()
+    )
+    assert parts["user_rewards:length_reward"].tolist() == [3.0, 7.0]

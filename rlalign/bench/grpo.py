@@ -43,31 +43,32 @@ def _model(recipe):
     return model, processor
 
 
-def ours(a: argparse.Namespace) -> float:
+def ours(a: argparse.Namespace, runtime) -> tuple[float, float]:
     from rlalign.data import build_data
     from rlalign.models.builder import ReferenceModel
     from rlalign.objectives import build_objective
     from rlalign.trainer.loop import make_scheduler, train_step
-    from rlalign.trainer.runtime import Runtime
 
     recipe = _recipe(a, tempfile.mkdtemp())
-    runtime = Runtime.create(recipe.distributed)
     model, processor = _model(recipe)
     objective = build_objective(recipe, processor)
     reference = ReferenceModel.build("copy", model, runtime)
     data = build_data(objective.data_kind, recipe, processor)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.optim.lr)
     sched = make_scheduler(opt, recipe)
-    times = []
+    times, lengths = [], []
     for step in range(a.steps + 1):
-        window = [data.collate([data.train[(step * a.images + i) % len(data.train)] for i in range(a.images)])]
+        window = [
+            data.collate([data.train[(step * a.images + i) % len(data.train)] for i in range(a.images)])
+        ]
         t0 = time.perf_counter()
-        train_step(model, objective, window, opt, sched, runtime, reference, 1.0)
+        m = train_step(model, objective, window, opt, sched, runtime, reference, 1.0)
         times.append(time.perf_counter() - t0)
-    return a.images * a.group / statistics.mean(times[1:])
+        lengths.append(m["gen_length_mean"])
+    return a.images * a.group / statistics.mean(times[1:]), statistics.mean(lengths)
 
 
-def peer(a: argparse.Namespace) -> float:
+def peer(a: argparse.Namespace) -> tuple[float, float]:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -80,7 +81,9 @@ def peer(a: argparse.Namespace) -> float:
     train = load_split(recipe.data, "train")
     cider = CiderReward(dict(zip(train["image_id"], train["captions"])))
     prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ""}]}]
-    ds = Dataset.from_dict({"prompt": [prompt] * len(train), "image": train["image"], "image_id": train["image_id"]})
+    ds = Dataset.from_dict(
+        {"prompt": [prompt] * len(train), "image": train["image"], "image_id": train["image_id"]}
+    )
 
     def reward(completions, image_id, **kw):
         return cider([str(c) for c in completions], image_id).tolist()
@@ -95,7 +98,7 @@ def peer(a: argparse.Namespace) -> float:
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[], logging_steps=1000, save_strategy="no",
                       per_device_train_batch_size=a.images * a.group, num_generations=a.group, steps_per_generation=1,
                       num_iterations=2, max_completion_length=a.max_new_tokens, beta=0.04, epsilon=0.2, learning_rate=1e-5,
-                      max_steps=2 * (a.steps + 1), temperature=1.0, top_k=0, top_p=1.0, seed=0, disable_tqdm=True,
+                      max_steps=2 * (a.steps + 1), gradient_checkpointing=False, temperature=1.0, top_k=0, top_p=1.0, seed=0, disable_tqdm=True,
                       dataloader_num_workers=0, model_init_kwargs={"dtype": torch.float32})  # fmt: skip
     path = tempfile.mkdtemp()  # TRL builds its reference model from a path
     model.save_pretrained(path)
@@ -105,7 +108,8 @@ def peer(a: argparse.Namespace) -> float:
     trainer.train()
     # one of our steps (rollout + 2 updates) = two TRL optimizer steps (num_iterations 2); skip the first pair
     span = clock.stamps[-1] - clock.stamps[1]
-    return a.images * a.group * a.steps / span
+    length = float(trainer.state.log_history[-1]["completions/mean_length"])
+    return a.images * a.group * a.steps / span, length
 
 
 def run(args: list[str]) -> dict:
@@ -118,17 +122,27 @@ def run(args: list[str]) -> dict:
     a = p.parse_args(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    from rlalign.config.schema import DistributedConfig
+    from rlalign.trainer.runtime import Runtime
+
+    runtime = Runtime.create(
+        DistributedConfig()
+    )  # once: TRL's trainer reuses the process-wide accelerate state
     o, q = [], []
     for _ in range(a.reps):
-        o.append(ours(a))
+        o.append(ours(a, runtime))
         q.append(peer(a))
-    ours_sps, peer_sps = statistics.median(o), statistics.median(q)
-    print(f"{'trainer':<22}{'samples/s (median)':>20}   runs")
-    print(f"{'rlalign grpo':<22}{ours_sps:>20.1f}   {', '.join(f'{x:.1f}' for x in o)}")
-    print(f"{'trl GRPOTrainer':<22}{peer_sps:>20.1f}   {', '.join(f'{x:.1f}' for x in q)}")
+    ours_sps, peer_sps = statistics.median(x[0] for x in o), statistics.median(x[0] for x in q)
+    ours_len, peer_len = statistics.mean(x[1] for x in o), statistics.mean(x[1] for x in q)
+    print(f"{'trainer':<22}{'samples/s (median)':>20}{'mean length':>14}   runs")
+    print(f"{'rlalign grpo':<22}{ours_sps:>20.1f}{ours_len:>14.1f}   {', '.join(f'{x[0]:.1f}' for x in o)}")
+    print(
+        f"{'trl GRPOTrainer':<22}{peer_sps:>20.1f}{peer_len:>14.1f}   {', '.join(f'{x[0]:.1f}' for x in q)}"
+    )
     result = {"bench": "grpo", "peer": "trl", "ratio": round(ours_sps / peer_sps, 3), "ours_samples_per_s": round(ours_sps, 2),
               "peer_samples_per_s": round(peer_sps, 2), "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "images": a.images, "group": a.group, "max_new_tokens": a.max_new_tokens}  # fmt: skip
+              "images": a.images, "group": a.group, "max_new_tokens": a.max_new_tokens,
+              "ours_mean_length": round(ours_len, 2), "peer_mean_length": round(peer_len, 2)}  # fmt: skip
     print(json.dumps(result))
     return result
 

@@ -7,8 +7,8 @@ from typing import Any
 from rlalign.config.schema import Recipe
 from rlalign.objectives.base import Objective
 from rlalign.objectives.dpo import DPOObjective
-from rlalign.objectives.rdpo import RDPOObjective
 from rlalign.objectives.grpo import GRPOObjective
+from rlalign.objectives.rdpo import RDPOObjective
 from rlalign.objectives.scst import SCSTObjective
 from rlalign.objectives.xe import XEObjective
 

@@ -74,7 +74,9 @@ class GRPOObjective:
         self.engine = build_engine(recipe, processor)
 
     def advantage(self, rewards_N: torch.Tensor, greedy_B: torch.Tensor | None) -> torch.Tensor:
-        return group_normalized(rewards_N, self.cfg.group_size, eps=self.cfg.std_eps, scale_by_std=self.cfg.scale_by_std)
+        return group_normalized(
+            rewards_N, self.cfg.group_size, eps=self.cfg.std_eps, scale_by_std=self.cfg.scale_by_std
+        )
 
     def rollout(self, model: Any, window: list[dict], *, runtime: Any, reference: Any = None
                 ) -> tuple[list[dict], dict[str, float]]:  # fmt: skip

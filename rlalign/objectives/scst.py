@@ -61,5 +61,8 @@ class SCSTObjective:
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
         logp, entropy = completion_logprobs(model, batch, entropy=True)
         mask = batch["completion_mask"]
-        loss = reduce_loss(scst_token_loss(logp, batch["advantages"]), mask, self.cfg.normalize) / items_per_micro
+        loss = (
+            reduce_loss(scst_token_loss(logp, batch["advantages"]), mask, self.cfg.normalize)
+            / items_per_micro
+        )
         return loss, {"loss": loss.detach(), "entropy": masked_mean(entropy, mask)}

@@ -51,6 +51,9 @@ class CombinedReward:
 
     def __call__(self, samples: Sequence[str], image_ids: Sequence[Hashable], **columns: Any
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
-        parts = {name: np.asarray(fn(samples, image_ids, **columns), dtype=np.float64) for name, _, fn in self.terms}
+        parts = {
+            name: np.asarray(fn(samples, image_ids, **columns), dtype=np.float64)
+            for name, _, fn in self.terms
+        }
         total = sum(w * parts[name] for name, w, _ in self.terms)
         return total, parts

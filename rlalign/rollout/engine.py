@@ -31,7 +31,9 @@ def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in BUFFER_KEYS}
 
 
-def completion_logprobs(model: Any, batch: dict, *, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def completion_logprobs(
+    model: Any, batch: dict, *, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [N, L] (float32) of the completion tokens under `model` (temperature 1), and their entropy."""
     logits = model(**model_inputs(batch)).logits
     length = batch["completion_mask"].shape[1]
@@ -93,8 +95,14 @@ class RolloutEngine:
             was_training = bare.training
             bare.eval()
             for raw in window:
-                batch = {k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
-                seeds = [row_seed(self.seed, self.rollouts, iid, g) for iid in batch["image_ids"] for g in range(group_size)]
+                batch = {
+                    k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()
+                }
+                seeds = [
+                    row_seed(self.seed, self.rollouts, iid, g)
+                    for iid in batch["image_ids"]
+                    for g in range(group_size)
+                ]
                 comp = sample_groups(bare, batch, seeds, group_size, self.cfg, self.tok)
                 mask = completion_mask(comp, self.tok.eos_token_id)
                 texts = [t.strip() for t in self.tok.batch_decode(comp * mask + self.tok.pad_token_id * (1 - mask),
@@ -133,7 +141,9 @@ class RolloutEngine:
                     logits = reference(**model_inputs(mb)).logits
                     length = mb["completion_mask"].shape[1]
                     logp_all = logits[:, -length - 1 : -1].float().log_softmax(-1)
-                    mb["ref_logp"] = logp_all.gather(-1, mb["input_ids"][:, -length:].unsqueeze(-1)).squeeze(-1)
+                    mb["ref_logp"] = logp_all.gather(-1, mb["input_ids"][:, -length:].unsqueeze(-1)).squeeze(
+                        -1
+                    )
         metrics = self._global_stats(runtime, stats, parts)
         metrics.update({"time/rollout_s": rollout_s, "time/reference_s": time.perf_counter() - started,
                         "rollout/param_gathers": float(runtime.param_gathers - gathers)})  # fmt: skip
@@ -148,7 +158,9 @@ class RolloutEngine:
         if "greedy_reward" in stats:
             series["greedy_reward"] = np.concatenate(stats["greedy_reward"])
         keys = sorted(series)
-        sums = torch.tensor([[series[k].sum(), (series[k] ** 2).sum(), series[k].size] for k in keys], dtype=torch.float64)
+        sums = torch.tensor(
+            [[series[k].sum(), (series[k] ** 2).sum(), series[k].size] for k in keys], dtype=torch.float64
+        )
         sums = runtime.all_reduce(sums)
         out = {}
         for i, k in enumerate(keys):
@@ -166,6 +178,9 @@ def build_engine(recipe: Any, processor: Any) -> RolloutEngine:
     if processor is None:
         raise ValueError("rollout objectives need the processor (build_objective(recipe, processor))")
     train = load_split(recipe.data, "train")
-    refs = {iid: caps if isinstance(caps, list) else [caps] for iid, caps in zip(train["image_id"], train["captions"])}
+    refs = {
+        iid: caps if isinstance(caps, list) else [caps]
+        for iid, caps in zip(train["image_id"], train["captions"])
+    }
     reward = CombinedReward(recipe.objective.rewards, refs)
     return RolloutEngine(recipe.objective.rollout, reward, processor.tokenizer, recipe.trainer.seed)

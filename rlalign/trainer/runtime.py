@@ -199,19 +199,17 @@ class Runtime:
         """Every parameter whole on every rank for the duration (ZeRO-3 gather / FSDP2 unshard), once."""
         if self.backend == "deepspeed" and self.zero_stage == 3:
             import deepspeed
-            from trl.models.utils import add_hooks, remove_hooks
 
             self.param_gathers += 1
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-                remove_hooks(model)  # else every sub-module forward (every generated token) re-gathers
-                try:
+                with _zero3_hooks_detached(model):  # else every sub-module forward (every token) re-gathers
                     yield model
-                finally:
-                    add_hooks(model)
         elif self.backend == "fsdp2":
             from torch.distributed.fsdp import FSDPModule
 
             self.param_gathers += 1
+            # the root must initialise first: generate() may call a sharded child (the vision tower) directly
+            model._get_fsdp_state()._lazy_init()
             modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
             for m in modules:
                 m.unshard()
@@ -259,6 +257,27 @@ class Runtime:
 
             return "FSDPModule" if isinstance(model, FSDPModule) else type(model).__name__
         return type(model).__name__
+
+
+@contextlib.contextmanager
+def _zero3_hooks_detached(engine: Any) -> Iterator[None]:
+    """Detach ZeRO-3's per-module fetch/release hooks while the parameters are gathered anyway, and
+    register them again afterwards (with a fresh prefetch trace, since generation changed the order)."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+
+    offload = engine.optimizer.parameter_offload
+    for param in iter_params(offload.module, recurse=True):
+        param.ds_active_sub_modules.clear()
+    for hook in offload.forward_hooks + offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        coordinator = offload.param_coordinator
+        if not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
+        offload._register_deepspeed_module(offload.module)
 
 
 def shard_fsdp2(
