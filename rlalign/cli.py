@@ -29,7 +29,8 @@ def _setup_logging(verbose: bool = False) -> None:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False, markup=False)])
-    for noisy in ("httpx", "urllib3", "DeepSpeed", "torch.distributed", "accelerate", "datasets", "transformers"):
+    for noisy in ("httpx", "urllib3", "DeepSpeed", "torch.distributed", "accelerate", "datasets", "transformers", "faiss",
+                  "faiss.loader"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 

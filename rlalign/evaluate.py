@@ -23,7 +23,7 @@ from rlalign.config.schema import DataConfig
 from rlalign.data.captions import load_split
 from rlalign.data.collate import encode_prompts
 from rlalign.data.shapes import COLOR_WORDS, SHAPE_WORDS, mentioned
-from rlalign.rewards import CiderD, corpus_bleu, self_bleu
+from rlalign.rewards import CiderD, corpus_bleu, normalize, self_bleu
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,9 @@ def grounding(captions: list[str], objects: list[list[dict]]) -> dict[str, float
 
 
 def caption_metrics(captions: list[str], image_ids: list[str], refs: list[list[str]]) -> dict[str, float]:
-    cands = dict(zip(image_ids, captions))
-    ref_map = dict(zip(image_ids, refs))
+    """CIDEr-D (df from the evaluated set, as pycocoevalcap) and BLEU-4 on normalised text."""
+    cands = {i: normalize(c) for i, c in zip(image_ids, captions)}
+    ref_map = {i: [normalize(r) for r in rs] for i, rs in zip(image_ids, refs)}
     cider, _ = CiderD().compute_corpus(cands, ref_map)
     bleu = corpus_bleu(cands, ref_map)
     return {"cider_d": float(cider), "bleu4": float(bleu[0][3])}

@@ -90,7 +90,7 @@ def tiny_setup():
 
 def test_first_inner_step_has_zero_kl_and_unit_ratio_on_the_tiny_model(tiny_setup):
     policy, objective, reference, runtime, window = tiny_setup
-    buffer, metrics = objective.rollout(policy, window, runtime=runtime, reference=reference)
+    buffer, metrics = objective.rollout(policy, window, step=0, runtime=runtime, reference=reference)
     assert len(buffer) == 1 and buffer[0]["input_ids"].shape[0] == 4 * objective.cfg.group_size
     n_tokens = float(buffer[0]["completion_mask"].sum())
     loss, m = objective.loss(policy, buffer[0], items_per_micro=n_tokens, reference=reference)

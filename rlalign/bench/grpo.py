@@ -62,7 +62,7 @@ def ours(a: argparse.Namespace, runtime) -> tuple[float, float]:
             data.collate([data.train[(step * a.images + i) % len(data.train)] for i in range(a.images)])
         ]
         t0 = time.perf_counter()
-        m = train_step(model, objective, window, opt, sched, runtime, reference, 1.0)
+        m = train_step(model, objective, window, opt, sched, runtime, reference, 1.0, step)
         times.append(time.perf_counter() - t0)
         lengths.append(m["gen_length_mean"])
     return a.images * a.group / statistics.mean(times[1:]), statistics.mean(lengths)

@@ -78,9 +78,9 @@ class GRPOObjective:
             rewards_N, self.cfg.group_size, eps=self.cfg.std_eps, scale_by_std=self.cfg.scale_by_std
         )
 
-    def rollout(self, model: Any, window: list[dict], *, runtime: Any, reference: Any = None
+    def rollout(self, model: Any, window: list[dict], *, step: int, runtime: Any, reference: Any = None
                 ) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
-        return self.engine(model, window, runtime=runtime, group_size=self.cfg.group_size, with_greedy=False,
+        return self.engine(model, window, step=step, runtime=runtime, group_size=self.cfg.group_size, with_greedy=False,
                            advantage=self.advantage, old_logp=True,
                            reference=reference if self.cfg.beta > 0 else None, minibatches=self.cfg.minibatches)  # fmt: skip
 

@@ -47,9 +47,9 @@ class SCSTObjective:
             return greedy_baseline(rewards_N, greedy_B, self.cfg.num_samples)
         return leave_one_out(rewards_N, self.cfg.num_samples)
 
-    def rollout(self, model: Any, window: list[dict], *, runtime: Any, reference: Any = None
+    def rollout(self, model: Any, window: list[dict], *, step: int, runtime: Any, reference: Any = None
                 ) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
-        return self.engine(model, window, runtime=runtime, group_size=self.cfg.num_samples,
+        return self.engine(model, window, step=step, runtime=runtime, group_size=self.cfg.num_samples,
                            with_greedy=self.cfg.baseline == "greedy", advantage=self.advantage, old_logp=False)  # fmt: skip
 
     def count_items(self, batch: dict) -> float:

@@ -78,14 +78,12 @@ class RolloutEngine:
 
     def __init__(self, cfg: RolloutConfig, reward: CombinedReward, tokenizer: Any, seed: int):
         self.cfg, self.reward, self.tok, self.seed = cfg, reward, tokenizer, seed
-        self.rollouts = 0
 
     def __call__(
         self, model: Any, window: list[dict], *, runtime: Any, group_size: int, with_greedy: bool,
         advantage: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], old_logp: bool,
-        reference: Any = None, minibatches: int = 1,
+        step: int, reference: Any = None, minibatches: int = 1,
     ) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
-        self.rollouts += 1
         started, gathers = time.perf_counter(), runtime.param_gathers
         stats: dict[str, list] = {"reward": [], "adv": [], "length": [], "zero_std": []}
         parts: dict[str, list] = {}
@@ -99,7 +97,7 @@ class RolloutEngine:
                     k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()
                 }
                 seeds = [
-                    row_seed(self.seed, self.rollouts, iid, g)
+                    row_seed(self.seed, step, iid, g)
                     for iid in batch["image_ids"]
                     for g in range(group_size)
                 ]

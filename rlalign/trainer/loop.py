@@ -90,13 +90,13 @@ def optimizer_update(model, objective, window, optimizer, scheduler, runtime, re
     return out
 
 
-def train_step(model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm) -> dict:
+def train_step(model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm, step) -> dict:
     """One loop step. Supervised objectives: one optimizer update over `window`. Rollout objectives:
-    `objective.rollout` turns `window` into a buffer of micro-batches, reused for `inner_epochs`
+    `objective.rollout` (seeded by the step) turns `window` into a buffer of micro-batches, reused for `inner_epochs`
     passes of updates of `len(window)` micro-batches each; metrics are averaged over the updates."""
     if not objective.needs_rollout:
         return optimizer_update(model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm)
-    buffer, metrics = objective.rollout(model, window, runtime=runtime, reference=reference)
+    buffer, metrics = objective.rollout(model, window, step=step, runtime=runtime, reference=reference)
     accum = len(window)
     updates = [buffer[i : i + accum] for _ in range(objective.inner_epochs) for i in range(0, len(buffer), accum)]
     results = [optimizer_update(model, objective, u, optimizer, scheduler, runtime, reference, max_grad_norm)
@@ -206,7 +206,8 @@ def train(recipe: Recipe) -> Path:
         while state.step < t.max_steps:
             started = time.perf_counter()
             window = [next(batches) for _ in range(t.grad_accum_steps)]
-            m = train_step(model, objective, window, optimizer, scheduler, runtime, reference, recipe.optim.max_grad_norm)
+            m = train_step(model, objective, window, optimizer, scheduler, runtime, reference, recipe.optim.max_grad_norm,
+                           state.step)
             state.step += 1
             state.samples_seen += int(m["samples"])
             elapsed = time.perf_counter() - started

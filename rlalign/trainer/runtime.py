@@ -201,9 +201,11 @@ class Runtime:
             import deepspeed
 
             self.param_gathers += 1
-            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-                with _zero3_hooks_detached(model):  # else every sub-module forward (every token) re-gathers
-                    yield model
+            # hooks detached: else every sub-module forward (every generated token) gathers again
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None), _zero3_hooks_detached(
+                model
+            ):
+                yield model
         elif self.backend == "fsdp2":
             from torch.distributed.fsdp import FSDPModule
 
