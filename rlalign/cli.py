@@ -28,9 +28,20 @@ def _setup_logging(verbose: bool = False) -> None:
 
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False, markup=False)])
-    for noisy in ("httpx", "urllib3", "DeepSpeed", "torch.distributed", "accelerate", "datasets", "transformers", "faiss",
-                  "faiss.loader"):
+    logging.basicConfig(
+        level=level, format="%(message)s", handlers=[RichHandler(show_path=False, markup=False)]
+    )
+    for noisy in (
+        "httpx",
+        "urllib3",
+        "DeepSpeed",
+        "torch.distributed",
+        "accelerate",
+        "datasets",
+        "transformers",
+        "faiss",
+        "faiss.loader",
+    ):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
@@ -130,10 +141,14 @@ def cmd_pairs_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlalign", description="Align vision-language models with RL and preferences.")
+    p = argparse.ArgumentParser(
+        prog="rlalign", description="Align vision-language models with RL and preferences."
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a recipe (launch with `accelerate launch -m rlalign.cli train ...`)")
+    t = sub.add_parser(
+        "train", help="train a recipe (launch with `accelerate launch -m rlalign.cli train ...`)"
+    )
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="a.b.c=value")
     t.set_defaults(func=cmd_train)
@@ -171,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                            prefix_chars="+")  # fmt: skip
         ip.add_argument("rest", nargs=argparse.REMAINDER)
         ip.set_defaults(func=func)
-    pb = sub.add_parser("pairs", help="RE-ALIGN preference pairs").add_subparsers(dest="pairs_command", required=True)
-    pbb = pb.add_parser("build", help="write the recipe's preference dataset (launch with `accelerate launch`)")
+    pb = sub.add_parser("pairs", help="RE-ALIGN preference pairs").add_subparsers(
+        dest="pairs_command", required=True
+    )
+    pbb = pb.add_parser(
+        "build", help="write the recipe's preference dataset (launch with `accelerate launch`)"
+    )
     pbb.add_argument("recipe")
     pbb.add_argument("overrides", nargs="*", help="a.b.c=value")
     pbb.set_defaults(func=cmd_pairs_build)

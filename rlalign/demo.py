@@ -32,7 +32,15 @@ from rlalign.models.builder import build_policy  # noqa: E402
 log = logging.getLogger(__name__)
 
 QUICK = ["data.train_size=200", "data.val_size=32", "data.test_size=32", "trainer.eval_size=32"]
-SHOWN = ["cider_d", "bleu4", "hallucination_rate", "shape_precision", "object_precision", "distinct_2", "self_bleu"]
+SHOWN = [
+    "cider_d",
+    "bleu4",
+    "hallucination_rate",
+    "shape_precision",
+    "object_precision",
+    "distinct_2",
+    "self_bleu",
+]
 
 
 @dataclass
@@ -78,7 +86,9 @@ def _run(stage: Stage, runs: Path, seed: int, quick: bool) -> Path:
     cmd = [sys.executable, "-m", "rlalign.cli", *stage.command.split(), str(RECIPES_DIR / stage.recipe),
            f"trainer.output_dir={out}", f"trainer.seed={seed}", "tracking.backend=none", *stage.inputs(runs),
            *((*QUICK, *stage.quick) if quick else ())]  # fmt: skip
-    log.info("stage %s%s: rlalign %s", stage.name, f" (seed {seed})" if stage.seeded else "", " ".join(cmd[3:]))
+    log.info(
+        "stage %s%s: rlalign %s", stage.name, f" (seed {seed})" if stage.seeded else "", " ".join(cmd[3:])
+    )
     started = time.perf_counter()
     subprocess.run(cmd, check=True)
     log.info("stage %s done in %.0f s", stage.name, time.perf_counter() - started)
@@ -118,8 +128,12 @@ def _plot_samples(evals: dict[str, CaptionEval], path: Path, n: int = 6) -> None
         sample = first.samples[i]
         ax.imshow(sample["image"])
         ax.set_axis_off()
-        lines = [f"{name:>5}: {e.samples[i]['caption']}" for name, e in evals.items()] + [f"  ref: {sample['refs'][0]}"]
-        ax.text(1.08, 0.5, "\n".join(lines), transform=ax.transAxes, va="center", fontsize=7, family="monospace")
+        lines = [f"{name:>5}: {e.samples[i]['caption']}" for name, e in evals.items()] + [
+            f"  ref: {sample['refs'][0]}"
+        ]
+        ax.text(
+            1.08, 0.5, "\n".join(lines), transform=ax.transAxes, va="center", fontsize=7, family="monospace"
+        )
     fig.subplots_adjust(left=0.01, right=0.15, hspace=0.35)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -159,7 +173,9 @@ def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str
     done: dict[str, list[Path]] = {}
     for stage in chosen:
         t0 = time.perf_counter()
-        done[stage.name] = [_run(stage, runs, seed, quick) for seed in (range(seeds) if stage.seeded else [0])]
+        done[stage.name] = [
+            _run(stage, runs, seed, quick) for seed in (range(seeds) if stage.seeded else [0])
+        ]
         timings[stage.name] = time.perf_counter() - t0
     recipe = load_recipe(RECIPES_DIR / "demo/shapes-xe.yaml", list(QUICK) if quick else [])
     data, limit = recipe.data, None
@@ -169,11 +185,16 @@ def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str
     for name, dirs in done.items():
         if name != "pairs":
             evals[name] = [_evaluate(d / "final", data, limit) for d in dirs]
-    rows = {name: {k: float(np.mean([e.metrics[k] for e in es])) for k in es[0].metrics} for name, es in evals.items()}
+    rows = {
+        name: {k: float(np.mean([e.metrics[k] for e in es])) for k in es[0].metrics}
+        for name, es in evals.items()
+    }
     spread = {name: {k: float(np.std([e.metrics[k] for e in es])) for k in es[0].metrics}
               for name, es in evals.items() if len(es) > 1}  # fmt: skip
     anchor = "xe" if "xe" in evals else "init"
-    rows["chance"] = {k.removeprefix("chance/"): v for k, v in rows[anchor].items() if k.startswith("chance/")}
+    rows["chance"] = {
+        k.removeprefix("chance/"): v for k, v in rows[anchor].items() if k.startswith("chance/")
+    }
     report: dict = {"metrics": rows, "spread": spread, "seeds": seeds, "quick": quick, "stage_seconds": timings,
                     "test_images": len(init.image_ids)}  # fmt: skip
     md = ["# rlalign demo: the shapes world\n",
@@ -194,7 +215,9 @@ def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str
                "![learning curve](learning_curve.png)\n"]  # fmt: skip
     rl = {k: v for k, v in done.items() if k in ("scst", "grpo")}
     if rl:
-        _plot_curves(rl, "reward_mean", "sampled-caption reward (CIDEr-D), spread across seeds", out / "rewards.png")
+        _plot_curves(
+            rl, "reward_mean", "sampled-caption reward (CIDEr-D), spread across seeds", out / "rewards.png"
+        )
         md += ["## SCST and GRPO\n", "Both start from the XE checkpoint with the same budget of sampled captions.\n",
                "![rewards](rewards.png)\n"]  # fmt: skip
     if "pairs" in done:
@@ -212,8 +235,12 @@ def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str
         report["preference"] = {k: {m: v for m, v in _history(dirs[0])[-1].items() if m.startswith("val/")}
                                 for k, dirs in pref.items()}  # fmt: skip
         _plot_curves(pref, "rewards/margins", "DPO / rDPO reward margin (train)", out / "preference.png")
-        md += ["## DPO and rDPO\n", "Final validation preference metrics (seed 0):\n",
-               "```\n" + json.dumps(report["preference"], indent=1) + "\n```\n", "![margins](preference.png)\n"]
+        md += [
+            "## DPO and rDPO\n",
+            "Final validation preference metrics (seed 0):\n",
+            "```\n" + json.dumps(report["preference"], indent=1) + "\n```\n",
+            "![margins](preference.png)\n",
+        ]
     shown = {name: es[0] for name, es in evals.items()}
     _plot_samples(shown, out / "samples.png")
     md += ["## Sample captions\n", "![samples](samples.png)\n"]

@@ -116,7 +116,9 @@ def evaluate_captioner(
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     images, ids, refs = ds["image"], ds["image_id"], ds["captions"]
-    captions = generate_captions(model, processor, images, data.prompt, max_new_tokens=data.max_response_tokens)
+    captions = generate_captions(
+        model, processor, images, data.prompt, max_new_tokens=data.max_response_tokens
+    )
     metrics = caption_metrics(captions, ids, refs)
     if "objects" in ds.column_names:
         objects = ds["objects"]

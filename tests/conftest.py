@@ -32,10 +32,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(cmd: list[str], *, env: dict | None = None, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env or make_env(), capture_output=True, text=True, timeout=timeout)
+def run(
+    cmd: list[str], *, env: dict | None = None, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env or make_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -43,7 +49,9 @@ def rlalign(*args: str, **kw) -> subprocess.CompletedProcess:
     return run([str(BIN / "rlalign"), *args], **kw)
 
 
-def launch_cmd(config: str, nproc: int, *args: str, port: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+def launch_cmd(
+    config: str, nproc: int, *args: str, port: int | None = None, extra: tuple[str, ...] = ()
+) -> list[str]:
     return [str(BIN / "accelerate"), "launch", "--config_file", f"launch/{config}", "--num_processes", str(nproc),
             "--main_process_port", str(port or free_port()), *extra, "-m", "rlalign.cli", "train", *args]  # fmt: skip
 

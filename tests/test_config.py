@@ -21,7 +21,9 @@ def test_recipes_are_found():
 def test_every_shipped_recipe_validates_and_opens_with_its_launch_command(path):
     load_recipe(path)
     head = path.read_text().splitlines()[:6]
-    assert head[0].startswith("#") and any("rlalign" in line or "accelerate launch" in line for line in head), head
+    assert head[0].startswith("#") and any(
+        "rlalign" in line or "accelerate launch" in line for line in head
+    ), head
 
 
 def test_base_inheritance_and_overrides():
@@ -43,21 +45,47 @@ def _write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
 @pytest.mark.parametrize(
     ("text", "overrides", "needles"),
     [
-        ("trainer:\n  output_dir: x\n  max_stpes: 3\n", [], ["trainer.max_stpes", "unknown key", "max_steps"]),
+        (
+            "trainer:\n  output_dir: x\n  max_stpes: 3\n",
+            [],
+            ["trainer.max_stpes", "unknown key", "max_steps"],
+        ),
         ("trainer:\n  output_dir: x\n  max_steps: ten\n", [], ["trainer.max_steps", "expected int", "'ten'"]),
         ("trainer:\n  output_dir: x\noptim:\n  lr: -1\n", [], ["optim", "lr must be > 0"]),
-        ("trainer:\n  output_dir: x\nobjective:\n  name: ppo\n", [], ["objective.name", "'ppo'", "valid: ", "xe"]),
+        (
+            "trainer:\n  output_dir: x\nobjective:\n  name: ppo\n",
+            [],
+            ["objective.name", "'ppo'", "valid: ", "xe"],
+        ),
         ("model:\n  name_or_path: builtin:tiny-llava\n", [], ["trainer.output_dir", "missing required key"]),
-        ("trainer:\n  output_dir: x\ndata:\n  source: local\n  path: /nope/data.parquet\n", [],
-         ["data.path", "not found", "/nope/data.parquet"]),
+        (
+            "trainer:\n  output_dir: x\ndata:\n  source: local\n  path: /nope/data.parquet\n",
+            [],
+            ["data.path", "not found", "/nope/data.parquet"],
+        ),
         ("base: missing-base.yaml\ntrainer:\n  output_dir: x\n", [], ["missing-base.yaml", "not found"]),
-        ("trainer:\n  output_dir: x\n", ["trainer.per_device_batch_size=0"], ["per_device_batch_size must be >= 1"]),
+        (
+            "trainer:\n  output_dir: x\n",
+            ["trainer.per_device_batch_size=0"],
+            ["per_device_batch_size must be >= 1"],
+        ),
         ("trainer:\n  output_dir: x\n", ["model.dtype=fp8"], ["model.dtype", "'fp8'", "'bfloat16'"]),
         ("trainer: [1, 2]\n", [], ["trainer", "expected a mapping"]),
         ("trainer:\n  output_dir: x\n  bad: [\n", [], ["not valid YAML"]),
     ],
-    ids=["typo", "type", "range", "objective", "required", "data-file", "base-file", "override-range",
-         "literal", "section", "yaml"],  # fmt: skip
+    ids=[
+        "typo",
+        "type",
+        "range",
+        "objective",
+        "required",
+        "data-file",
+        "base-file",
+        "override-range",
+        "literal",
+        "section",
+        "yaml",
+    ],  # fmt: skip
 )
 def test_bad_recipes_fail_with_one_line_naming_file_and_key(tmp_path, text, overrides, needles):
     path = _write(tmp_path, text)
@@ -72,7 +100,10 @@ def test_bad_recipes_fail_with_one_line_naming_file_and_key(tmp_path, text, over
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ("trainer:\n  output_dir: x\n  max_stpes: 3\n", "trainer.max_stpes: unknown key (did you mean 'max_steps'?)"),
+        (
+            "trainer:\n  output_dir: x\n  max_stpes: 3\n",
+            "trainer.max_stpes: unknown key (did you mean 'max_steps'?)",
+        ),
         ("trainer:\n  output_dir: x\n  max_steps: ten\n", "trainer.max_steps: expected int"),
         ("trainer:\n  output_dir: x\nobjective:\n  name: ppo\n", "objective.name: unknown objective 'ppo'"),
     ],
@@ -88,7 +119,10 @@ def test_cli_exits_2_with_one_line(tmp_path, text, needle):
 
 def test_cli_missing_recipe_file(tmp_path):
     proc = rlalign("train", str(tmp_path / "nope.yaml"), check=False)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: recipe file not found"
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: recipe file not found"
+    )
 
 
 def test_ls_lists_shipped_recipes():

@@ -43,17 +43,33 @@ def test_simulated_two_nodes_match_two_processes(tmp_path):
     out_nodes, out_single = tmp_path / "nodes", tmp_path / "single-node"
     common = dict(NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                   ACCELERATE_CONFIG="launch/multinode-2x8-ddp.yaml")  # fmt: skip
-    args = ["bash", "launch/multinode.sh", TINY, f"trainer.output_dir={out_nodes}", "trainer.per_device_batch_size=2"]
+    args = [
+        "bash",
+        "launch/multinode.sh",
+        TINY,
+        f"trainer.output_dir={out_nodes}",
+        "trainer.per_device_batch_size=2",
+    ]
     procs = [
-        subprocess.Popen(args, cwd=ROOT, env=make_env(NODE_RANK=str(r), **common), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=make_env(NODE_RANK=str(r), **common),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
         for r in (0, 1)
     ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     info = json.loads((out_nodes / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["engine"] == "ddp"
-    run(launch_cmd("ddp-8gpu.yaml", 2, TINY, f"trainer.output_dir={out_single}", "trainer.per_device_batch_size=2"))
+    run(
+        launch_cmd(
+            "ddp-8gpu.yaml", 2, TINY, f"trainer.output_dir={out_single}", "trainer.per_device_batch_size=2"
+        )
+    )
     assert losses(out_nodes) == pytest.approx(losses(out_single), abs=1e-6)
 
 

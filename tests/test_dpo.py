@@ -22,7 +22,9 @@ SHAPES = ShapesConfig(image_size=48)
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, processor = build_tiny_llava(TinyModelConfig(vision_hidden=32, text_hidden=64, vocab_size=400), SHAPES)
+    model, processor = build_tiny_llava(
+        TinyModelConfig(vision_hidden=32, text_hidden=64, vocab_size=400), SHAPES
+    )
     return model.train(), processor
 
 
@@ -65,10 +67,16 @@ def test_packed_logps_equal_separate_sequences(tiny, table):
         logps = sequence_logps(model, batch, "sum", torch.float32)
     tok = processor.tokenizer
     for i in range(3):
-        for col, value in (("chosen", logps[i, 0]), ("rejected", logps[i, 1]), ("retrieved", logps[3 + i, 0])):
+        for col, value in (
+            ("chosen", logps[i, 0]),
+            ("rejected", logps[i, 1]),
+            ("retrieved", logps[3 + i, 0]),
+        ):
             image = rows[i]["retrieved_image"] if col == "retrieved" else rows[i]["image"]
             enc = processor(text=[processor.image_token], images=[[image]], return_tensors="pt")
-            resp = tok(rows[i]["chosen" if col == "retrieved" else col], add_special_tokens=False)["input_ids"]
+            resp = tok(rows[i]["chosen" if col == "retrieved" else col], add_special_tokens=False)[
+                "input_ids"
+            ]
             ids = torch.tensor([enc["input_ids"][0].tolist() + resp + [tok.eos_token_id]])
             with torch.no_grad():
                 lp = model(input_ids=ids, pixel_values=enc["pixel_values"]).logits[0].log_softmax(-1)
@@ -101,19 +109,27 @@ def test_dpo_matches_trl(tiny, table):
 
     ours_model = copy.deepcopy(model)
     batch = PreferenceCollator(processor, 48, None, retrieved=False)([rows[i] for i in range(4)])
-    loss, metrics = DPOObjective(DPOConfig(beta=0.1)).loss(ours_model, batch, items_per_micro=4, reference=ref)
+    loss, metrics = DPOObjective(DPOConfig(beta=0.1)).loss(
+        ours_model, batch, items_per_micro=4, reference=ref
+    )
     loss.backward()
     assert float(loss) == pytest.approx(float(trl_loss), abs=1e-5)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert float(metrics[k]) == pytest.approx(trl_metrics[k], abs=1e-5), k
     assert abs(float(metrics["rewards/margins"])) > 1e-3  # a non-trivial case
     grads = dict(policy_trl.named_parameters())
-    worst = max(float((p.grad - grads[n].grad).abs().max()) for n, p in ours_model.named_parameters() if p.grad is not None)
+    worst = max(
+        float((p.grad - grads[n].grad).abs().max())
+        for n, p in ours_model.named_parameters()
+        if p.grad is not None
+    )
     assert worst < 1e-5, worst
 
 
 def test_rdpo_visual_term_equals_float64_hand_computation():
-    logps = torch.tensor([[-10.0, -12.5], [-7.25, -7.0], [-11.0, 0.0], [-6.5, 0.0]])  # rows: (w, l|v) x2, (w|v_l) x2
+    logps = torch.tensor(
+        [[-10.0, -12.5], [-7.25, -7.0], [-11.0, 0.0], [-6.5, 0.0]]
+    )  # rows: (w, l|v) x2, (w|v_l) x2
     ref = torch.tensor([[-10.5, -12.0], [-7.0, -7.5], [-10.0, 0.0], [-7.0, 0.0]])
     cfg = RDPOConfig(beta=0.1, dpo_weight=0.7, visual_weight=1.3)
     loss, m = rdpo_terms(logps.double(), ref.double(), cfg)
@@ -156,7 +172,9 @@ def test_cached_reference_equals_live_and_second_epoch_runs_none(tmp_path, tiny,
         c, _ = later_run.loss(model, batches[0], items_per_micro=3, reference=fresh_ref)
         assert fresh_ref.forward_calls == 0
         other_ref = Ref(model)  # other weights: another fingerprint, so the cache misses
-        Obj(Cfg(ref_cache_dir=str(tmp_path / "cache"))).loss(model, batches[0], items_per_micro=3, reference=other_ref)
+        Obj(Cfg(ref_cache_dir=str(tmp_path / "cache"))).loss(
+            model, batches[0], items_per_micro=3, reference=other_ref
+        )
         assert other_ref.forward_calls == 1
 
 
@@ -165,7 +183,9 @@ def _bad(table, column, value, row=2):
     rows[row][column] = value
     from datasets import Dataset
 
-    return Dataset.from_list(rows, features=table.features if column not in ("images", "retrieved_images") else None)
+    return Dataset.from_list(
+        rows, features=table.features if column not in ("images", "retrieved_images") else None
+    )
 
 
 @pytest.mark.parametrize(

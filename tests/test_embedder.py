@@ -64,7 +64,9 @@ def test_fingerprint_tracks_weights_and_pooling(tiny, tmp_path, pool):
     assert ImageEmbedder(model, processor, EmbedderConfig(cache_dir=None)).fingerprint == base.fingerprint
     assert ImageEmbedder(model, processor, EmbedderConfig(pooling="cls")).fingerprint != base.fingerprint
     base.embed(pool[:4])
-    other, _ = load_base(ModelConfig(tiny=TinyModelConfig(vision_hidden=32, text_hidden=64, vocab_size=400, init_seed=1)))
+    other, _ = load_base(
+        ModelConfig(tiny=TinyModelConfig(vision_hidden=32, text_hidden=64, vocab_size=400, init_seed=1))
+    )
     changed = ImageEmbedder(other, processor, EmbedderConfig(cache_dir=str(tmp_path)))
     assert changed.fingerprint != base.fingerprint
     changed.embed(pool[:4])

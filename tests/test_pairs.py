@@ -35,7 +35,14 @@ def test_mask_template_shapes_words_and_phrases():
     t = mask_template("a blue triangle in the center, a green disc in the upper left corner", VOCAB)
     assert template_string(t) == "a [color] [shape] [position], a [color] [shape] [position]"
     slots = [s for s in t if isinstance(s, Slot)]
-    assert [s.original for s in slots] == ["blue", "triangle", "in the center,", "green", "disc", "in the upper left corner"]
+    assert [s.original for s in slots] == [
+        "blue",
+        "triangle",
+        "in the center,",
+        "green",
+        "disc",
+        "in the upper left corner",
+    ]
     assert mask_template("two shapes : nothing here", VOCAB) == ["two", "shapes", ":", "nothing", "here"]
     custom = mask_template("A dog on the sofa", {"object": ["dog", "cat", "sofa"], "relation": ["on the"]})
     assert template_string(custom) == "A [object] [relation] [object]"
@@ -45,18 +52,29 @@ def test_tfidf_cosine():
     tf = TfidfSentences(["a red circle at the top", "a blue square on the left", "a red square"], max_n=2)
     assert tf.cosine("a red circle", "a red circle") == pytest.approx(1.0)
     assert tf.cosine("a red circle at the top", "a blue square at the top") < 0.95
-    assert tf.cosine("a red circle", "a red circle") > tf.cosine("a red circle", "a red square") > tf.cosine("a red circle", "blue")
+    assert (
+        tf.cosine("a red circle", "a red circle")
+        > tf.cosine("a red circle", "a red square")
+        > tf.cosine("a red circle", "blue")
+    )
 
 
 def test_refill_keeps_literals_and_uses_allowed_words():
     torch.set_num_threads(1)
-    model, processor = load_base(ModelConfig(tiny=TinyModelConfig(vision_hidden=32, text_hidden=64, vocab_size=400)))
+    model, processor = load_base(
+        ModelConfig(tiny=TinyModelConfig(vision_hidden=32, text_hidden=64, vocab_size=400))
+    )
     model.eval()
     images = [make_item(ShapesConfig(), "train", i).image for i in range(2)]
-    templates = [mask_template("a red circle in the center, and a blue box", VOCAB), mask_template("a green diamond", VOCAB)]
+    templates = [
+        mask_template("a red circle in the center, and a blue box", VOCAB),
+        mask_template("a green diamond", VOCAB),
+    ]
     out = refill(model, processor, images, "", templates, VOCAB)
     assert out == refill(model, processor, images, "", templates, VOCAB)  # deterministic
-    assert out[1] == refill(model, processor, images[1:], "", templates[1:], VOCAB)[0]  # batching changes nothing
+    assert (
+        out[1] == refill(model, processor, images[1:], "", templates[1:], VOCAB)[0]
+    )  # batching changes nothing
     for text, template in zip(out, templates):
         assert template_string(mask_template(text, VOCAB)) == template_string(template)
 
@@ -93,7 +111,9 @@ def test_killed_and_restarted_equals_uninterrupted(tmp_path):
     done = sorted((part / "shards").glob("shard-*.parquet"))
     assert 2 <= len(done) < 8 and not (part / "pairs.parquet").exists()
     for f in done:  # every shard file on disk is whole: it reads back with the rows of the full run's shard
-        assert len(datasets.Dataset.from_parquet(str(f))) == len(datasets.Dataset.from_parquet(str(full / "shards" / f.name)))
+        assert len(datasets.Dataset.from_parquet(str(f))) == len(
+            datasets.Dataset.from_parquet(str(full / "shards" / f.name))
+        )
 
     rlalign("pairs", "build", *_args(part, cache), env=env)
     n_part, rows_part, ds_part = _rows(part / "pairs.parquet")
@@ -113,7 +133,9 @@ def test_resume_in_process_redoes_only_missing_shards(tmp_path):
     """Fast tier: a run whose last shards are missing (and a stale temp file left behind) is completed
     by a rerun that redoes only those shards and ends with the same dataset."""
     torch.set_num_threads(1)
-    recipe = load_recipe(ROOT / TINY, _args(tmp_path / "run", tmp_path / "cache")[1:] + ["pairs.pool_size=16"])
+    recipe = load_recipe(
+        ROOT / TINY, _args(tmp_path / "run", tmp_path / "cache")[1:] + ["pairs.pool_size=16"]
+    )
     path = build_pairs(recipe)
     n, rows, _ = _rows(path)
     shards = tmp_path / "run" / "shards"

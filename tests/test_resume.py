@@ -15,7 +15,12 @@ import pytest
 from conftest import BIN, ROOT, TINY, launch_cmd, losses, make_env, metrics, rlalign, run
 from safetensors.torch import load_file
 
-ARGS = ["trainer.max_steps=14", "trainer.save_every=1", "trainer.keep_last=2", "trainer.per_device_batch_size=2"]
+ARGS = [
+    "trainer.max_steps=14",
+    "trainer.save_every=1",
+    "trainer.keep_last=2",
+    "trainer.per_device_batch_size=2",
+]
 
 
 def start_and_signal(cmd: list[str], out: Path, sig: int, after_step: int) -> tuple[int, int]:
@@ -52,15 +57,21 @@ def test_sigkill_resume_is_bitwise_single_process(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "config",
-    ["ddp-8gpu.yaml", "zero3-8gpu.yaml", pytest.param("fsdp2-8gpu.yaml", marks=pytest.mark.slow),
-     pytest.param("zero2-8gpu.yaml", marks=pytest.mark.slow)],
+    [
+        "ddp-8gpu.yaml",
+        "zero3-8gpu.yaml",
+        pytest.param("fsdp2-8gpu.yaml", marks=pytest.mark.slow),
+        pytest.param("zero2-8gpu.yaml", marks=pytest.mark.slow),
+    ],
     ids=["ddp", "zero3", "fsdp2", "zero2"],
 )
 def test_sigkill_resume_two_processes(tmp_path, config):
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = [TINY, *ARGS, "trainer.per_device_batch_size=1"]
     run(launch_cmd(config, 2, *args, f"trainer.output_dir={full}"))
-    code, last = start_and_signal(launch_cmd(config, 2, *args, f"trainer.output_dir={cut}"), cut, signal.SIGKILL, 4)
+    code, last = start_and_signal(
+        launch_cmd(config, 2, *args, f"trainer.output_dir={cut}"), cut, signal.SIGKILL, 4
+    )
     assert code != 0 and last < 14, "the run must really be interrupted"
     run(launch_cmd(config, 2, *args, f"trainer.output_dir={cut}", "trainer.resume=auto"))
     assert [m["step"] for m in metrics(cut)] == list(range(1, 15))
@@ -74,7 +85,9 @@ def test_sigterm_writes_complete_checkpoint_and_resumes(tmp_path):
     code, last = start_and_signal([str(BIN / "rlalign"), "train", *args], out, signal.SIGTERM, after_step=3)
     assert code == 0 and last < 40
     ckpts = sorted((out / "checkpoints").iterdir())
-    assert [c.name for c in ckpts] == [f"step-{last:07d}"], "one complete checkpoint at the stopping step, no .tmp"
+    assert [c.name for c in ckpts] == [f"step-{last:07d}"], (
+        "one complete checkpoint at the stopping step, no .tmp"
+    )
     ck = ckpts[0]
     assert json.loads((ck / "COMPLETE").read_text())["step"] == last
     assert json.loads((ck / "trainer_state.json").read_text())["step"] == last
@@ -103,7 +116,12 @@ def test_rollout_objective_resume_draws_the_same_samples(tmp_path):
     """GRPO: samples are seeded by the step, so re-running steps 3-4 from the step-2 checkpoint gives
     the uninterrupted run's losses and rewards bitwise."""
     out = tmp_path / "grpo"
-    args = ["recipes/test/tiny-grpo.yaml", f"trainer.output_dir={out}", "trainer.max_steps=4", "trainer.save_every=2"]
+    args = [
+        "recipes/test/tiny-grpo.yaml",
+        f"trainer.output_dir={out}",
+        "trainer.max_steps=4",
+        "trainer.save_every=2",
+    ]
     rlalign("train", *args)
     full = metrics(out)
     shutil.rmtree(out / "checkpoints" / "step-0000004")

@@ -8,7 +8,9 @@ from rlalign.trainer.data import StepSampler, eval_shard
 def _step_samples(n, micro, world, accum, step, seed=0):
     out = []
     for rank in range(world):
-        s = StepSampler(n, micro=micro, world=world, rank=rank, accum=accum, seed=seed, start_step=0, end_step=10)
+        s = StepSampler(
+            n, micro=micro, world=world, rank=rank, accum=accum, seed=seed, start_step=0, end_step=10
+        )
         for j in range(accum):
             out += s.indices(step, j)
     return sorted(out)

@@ -15,7 +15,13 @@ from conftest import BIN, TINY, losses, make_env, metrics, rlalign, run
 def test_accumulation_invariance(tmp_path, single_run):
     """Per-device batch 4 x 1 accumulation step == batch 1 x 4 accumulation steps."""
     out = tmp_path / "accum"
-    rlalign("train", TINY, f"trainer.output_dir={out}", "trainer.per_device_batch_size=1", "trainer.grad_accum_steps=4")
+    rlalign(
+        "train",
+        TINY,
+        f"trainer.output_dir={out}",
+        "trainer.per_device_batch_size=1",
+        "trainer.grad_accum_steps=4",
+    )
     assert losses(out) == pytest.approx(losses(single_run), abs=1e-5)
     # and the data order really is the same global batch, not a coincidence of a flat loss
     assert losses(out)[0] != pytest.approx(losses(out)[-1], abs=1e-3)
@@ -23,7 +29,13 @@ def test_accumulation_invariance(tmp_path, single_run):
 
 def test_sequence_normalisation_differs_from_token(tmp_path, single_run):
     out = tmp_path / "seq"
-    rlalign("train", TINY, f"trainer.output_dir={out}", "trainer.per_device_batch_size=4", "objective.xe.normalize=sequence")
+    rlalign(
+        "train",
+        TINY,
+        f"trainer.output_dir={out}",
+        "trainer.per_device_batch_size=4",
+        "objective.xe.normalize=sequence",
+    )
     assert losses(out)[0] != pytest.approx(losses(single_run)[0], abs=1e-6)
 
 
@@ -60,7 +72,9 @@ def test_wandb_offline_run_holds_recipe_and_step_metrics(tmp_path):
     runs = glob.glob(str(out / "wandb" / "offline-run-*"))
     assert len(runs) == 1
     records = _wandb_records(Path(runs[0]))
-    config = {i.key: json.loads(i.value_json) for r in records if r.HasField("config") for i in r.config.update}
+    config = {
+        i.key: json.loads(i.value_json) for r in records if r.HasField("config") for i in r.config.update
+    }
     resolved = yaml.safe_load((out / "recipe.yaml").read_text())
     for section in ("model", "data", "objective", "optim", "trainer", "tracking"):
         assert config[section] == resolved[section], section

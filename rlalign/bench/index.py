@@ -45,7 +45,11 @@ def shapes_embeddings(n: int, n_queries: int, dim: int, seed: int) -> tuple[np.n
     def embed(split: str, count: int) -> np.ndarray:
         out = []
         for start in range(0, count, 2048):
-            out.append(embedder.embed([make_item(shapes, split, i).image for i in range(start, min(start + 2048, count))]))
+            out.append(
+                embedder.embed(
+                    [make_item(shapes, split, i).image for i in range(start, min(start + 2048, count))]
+                )
+            )
         return np.concatenate(out)
 
     return embed("train", n), embed("val", n_queries)
@@ -95,7 +99,9 @@ def run(args: list[str]) -> dict:
     ids = np.arange(a.n)
     configs = {
         "flat": IndexConfig(kind="flat", device="cpu"),
-        "ivf": IndexConfig(kind="ivf", nlist=min(a.nlist, a.n // 39 or 1), nprobe=min(a.nprobe, a.nlist), device="cpu"),
+        "ivf": IndexConfig(
+            kind="ivf", nlist=min(a.nlist, a.n // 39 or 1), nprobe=min(a.nprobe, a.nlist), device="cpu"
+        ),
         "hnsw": IndexConfig(kind="hnsw", hnsw_m=a.hnsw_m, ef_search=a.ef_search, device="cpu"),
     }
     build_s, indexes = {}, {}
@@ -112,7 +118,9 @@ def run(args: list[str]) -> dict:
             recall[name] = round(tie_aware_recall(found, exact, base, queries), 4)
             id_recall[name] = round(recall_at_k(found, exact), 4)
     qps = {name: a.queries / statistics.median(ts) for name, ts in times.items()}
-    rows = [("torch-matmul-topk", 0.0, qps["torch"], 1.0)] + [(n, build_s[n], qps[n], recall[n]) for n in configs]
+    rows = [("torch-matmul-topk", 0.0, qps["torch"], 1.0)] + [
+        (n, build_s[n], qps[n], recall[n]) for n in configs
+    ]
     sys.stdout.write(f"{'index':20} {'build_s':>9} {'queries/s':>11} {'recall@' + str(a.k):>10}\n")
     for name, b, q, r in rows:
         sys.stdout.write(f"{name:20} {b:9.3f} {q:11.0f} {r:10.4f}\n")

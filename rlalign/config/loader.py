@@ -160,7 +160,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if required and name not in kwargs:
             raise RecipeError(f"{path}: missing required key")
         if name not in kwargs and dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], {}, path)  # so required keys inside an absent section are named
+            kwargs[name] = _build(
+                hints[name], {}, path
+            )  # so required keys inside an absent section are named
     try:
         return cls(**kwargs)
     except ValueError as err:
@@ -175,7 +177,9 @@ def _check_references(recipe: Recipe) -> None:
             f"objective.name: unknown objective '{recipe.objective.name}' (valid: {', '.join(sorted(OBJECTIVES))})"
         )
     local = recipe.data.source == "local" and recipe.data.path.startswith(("/", ".", "~"))
-    if local and not Path(recipe.data.path).expanduser().exists():  # relative paths: the user's, checked at load
+    if (
+        local and not Path(recipe.data.path).expanduser().exists()
+    ):  # relative paths: the user's, checked at load
         raise RecipeError(f"data.path: file not found: {recipe.data.path}")
     name = recipe.model.name_or_path
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():

@@ -349,7 +349,14 @@ class TrainerConfig:
     """Save the final policy with save_pretrained (+ processor) under output_dir/final."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "per_device_batch_size", "grad_accum_steps", "log_every", "keep_last", "eval_size"):
+        for name in (
+            "max_steps",
+            "per_device_batch_size",
+            "grad_accum_steps",
+            "log_every",
+            "keep_last",
+            "eval_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0 or self.save_every < 0 or self.num_workers < 0:

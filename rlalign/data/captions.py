@@ -46,7 +46,10 @@ def shapes_dataset(config: ShapesConfig, split: str, size: int) -> Dataset:
         rows["image_id"].append(item.image_id)
         rows["captions"].append(item.captions)
         rows["objects"].append(
-            [{"shape": o.shape, "color": o.color, "position": o.position, "box": list(o.box)} for o in item.objects]
+            [
+                {"shape": o.shape, "color": o.color, "position": o.position, "box": list(o.box)}
+                for o in item.objects
+            ]
         )
     return Dataset.from_dict(rows, features=_OBJECT_FEATURES)
 
@@ -56,7 +59,9 @@ def _load_local(path: Path) -> DatasetDict:
         return datasets.load_from_disk(str(path))
     loaders = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json"}
     if path.is_file():
-        return DatasetDict({"train": datasets.load_dataset(loaders[path.suffix], data_files=str(path))["train"]})
+        return DatasetDict(
+            {"train": datasets.load_dataset(loaders[path.suffix], data_files=str(path))["train"]}
+        )
     found = {}
     for split, names in {"train": ["train"], "val": ["val", "validation"], "test": ["test"]}.items():
         for name in names:
@@ -65,7 +70,9 @@ def _load_local(path: Path) -> DatasetDict:
                 if f.is_file():
                     found[split] = datasets.load_dataset(kind, data_files=str(f))["train"]
     if not found:
-        raise FileNotFoundError(f"{path}: no dataset found (expected save_to_disk output or train/val/test files)")
+        raise FileNotFoundError(
+            f"{path}: no dataset found (expected save_to_disk output or train/val/test files)"
+        )
     return DatasetDict(found)
 
 
@@ -84,7 +91,9 @@ def load_split(cfg: DataConfig, split: str) -> Dataset:
     ds = dd[name]
     for col in (cfg.image_column, cfg.captions_column):
         if col not in ds.column_names:
-            raise KeyError(f"{path}: split '{split}' has no column '{col}' (columns: {', '.join(ds.column_names)})")
+            raise KeyError(
+                f"{path}: split '{split}' has no column '{col}' (columns: {', '.join(ds.column_names)})"
+            )
     if cfg.image_column != "image":
         ds = ds.rename_column(cfg.image_column, "image")
     if cfg.captions_column != "captions":
@@ -112,4 +121,9 @@ class CaptionPairs(TorchDataset):
         i, j = self.index[k]
         row = self.images[i]
         caps = row["captions"] if isinstance(row["captions"], list) else [row["captions"]]
-        return {"image": row["image"], "image_id": row["image_id"], "prompt": self.prompt, "response": caps[j]}
+        return {
+            "image": row["image"],
+            "image_id": row["image_id"],
+            "prompt": self.prompt,
+            "response": caps[j],
+        }

@@ -85,13 +85,17 @@ def _load_table(path: Path) -> datasets.DatasetDict:
         return datasets.DatasetDict({"train": datasets.load_from_disk(str(path))})
     kinds = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json"}
     if path.is_file():
-        return datasets.DatasetDict({"train": datasets.load_dataset(kinds[path.suffix], data_files=str(path))["train"]})
+        return datasets.DatasetDict(
+            {"train": datasets.load_dataset(kinds[path.suffix], data_files=str(path))["train"]}
+        )
     found = {}
     for split, names in {"train": ["train"], "val": ["val", "validation"]}.items():
         for name in names:
             for suffix, kind in kinds.items():
                 if (path / f"{name}{suffix}").is_file() and split not in found:
-                    found[split] = datasets.load_dataset(kind, data_files=str(path / f"{name}{suffix}"))["train"]
+                    found[split] = datasets.load_dataset(kind, data_files=str(path / f"{name}{suffix}"))[
+                        "train"
+                    ]
     if not found:
         raise FileNotFoundError(f"{path}: no preference data found (save_to_disk folder or train/val files)")
     return datasets.DatasetDict(found)
@@ -113,7 +117,11 @@ def swap_word(caption: str, rng: random.Random) -> str:
     words = caption.split()
     spots = [i for i, w in enumerate(words) if w in COLORS or w in SHAPE_WORDS]
     i = rng.choice(spots)
-    pool = list(COLORS) if words[i] in COLORS else sorted({c for c in SHAPE_WORDS.values()} - {SHAPE_WORDS[words[i]]})
+    pool = (
+        list(COLORS)
+        if words[i] in COLORS
+        else sorted({c for c in SHAPE_WORDS.values()} - {SHAPE_WORDS[words[i]]})
+    )
     words[i] = rng.choice([w for w in pool if w != words[i]])
     return " ".join(words)
 
@@ -149,7 +157,9 @@ class PreferencePairs(TorchDataset):
             cols["retrieved_image"] = cfg.retrieved_images_column
         missing = [c for c in cols.values() if c not in table.column_names]
         if missing:
-            raise BadRowError(f"{name}: preference data has no column {missing} (columns: {table.column_names})")
+            raise BadRowError(
+                f"{name}: preference data has no column {missing} (columns: {table.column_names})"
+            )
         for field in ("images", "retrieved_image"):
             if field in cols:
                 table = _raw_images(table, cols[field])
@@ -171,7 +181,9 @@ class PreferencePairs(TorchDataset):
             raise BadRowError(f"{name}: no usable preference rows")
 
     @staticmethod
-    def _check(raw: dict, i: int, cols: dict, processor: Any, cfg: DataConfig, root: Path | None, name: str) -> dict:
+    def _check(
+        raw: dict, i: int, cols: dict, processor: Any, cfg: DataConfig, root: Path | None, name: str
+    ) -> dict:
         row: dict[str, Any] = {}
         for field, col in cols.items():
             value = raw[col]
@@ -203,7 +215,9 @@ class PreferencePairs(TorchDataset):
         return self.rows[k]
 
 
-def load_preferences(cfg: DataConfig, processor: Any, *, retrieved: bool) -> tuple[PreferencePairs, PreferencePairs]:
+def load_preferences(
+    cfg: DataConfig, processor: Any, *, retrieved: bool
+) -> tuple[PreferencePairs, PreferencePairs]:
     """Train and validation pairs; without a val split the last 5% (at least one row) is held out."""
     if cfg.pairs_path is None:
         shapes = ShapesConfig(seed=cfg.seed, image_size=cfg.image_size)
@@ -219,7 +233,10 @@ def load_preferences(cfg: DataConfig, processor: Any, *, retrieved: bool) -> tup
             val = dd["val" if "val" in dd else "validation"]
         else:
             n_val = max(1, len(train) // 20) if len(train) > 1 else 0
-            train, val = train.select(range(len(train) - n_val)), train.select(range(len(train) - n_val, len(train)))
+            train, val = (
+                train.select(range(len(train) - n_val)),
+                train.select(range(len(train) - n_val, len(train))),
+            )
             if n_val == 0:
                 val = train
     return (PreferencePairs(train, processor, cfg, retrieved=retrieved, root=root, name="train"),
@@ -241,7 +258,9 @@ class PreferenceCollator:
         return ids[: max(0, min(self.max_response_tokens, room - 1))] + [self.tok.eos_token_id]
 
     def __call__(self, pairs: list[dict]) -> dict[str, Any]:
-        images = [p["image"] for p in pairs] + ([p["retrieved_image"] for p in pairs] if self.retrieved else [])
+        images = [p["image"] for p in pairs] + (
+            [p["retrieved_image"] for p in pairs] if self.retrieved else []
+        )
         prompts = [p["prompt"] for p in pairs] * (2 if self.retrieved else 1)
         enc = encode_prompts(self.processor, images, prompts)
         prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
@@ -268,7 +287,9 @@ class PreferenceCollator:
             P, C, R = len(p), len(c), len(r)
             out["input_ids"][n, : P + C + R] = torch.tensor(p + c + r)
             out["attention_mask"][n, : P + C + R] = 1
-            out["position_ids"][n, : P + C + R] = torch.tensor([*range(P), *range(P, P + C), *range(P, P + R)])
+            out["position_ids"][n, : P + C + R] = torch.tensor(
+                [*range(P), *range(P, P + C), *range(P, P + R)]
+            )
             out["segment_ids"][n, : P + C + R] = torch.tensor([PROMPT] * P + [FIRST] * C + [SECOND] * R)
             # token t of a response is predicted at t-1, its first token at the prompt's last position
             out["pred_pos"][n, P : P + C] = torch.arange(P - 1, P + C - 1)
@@ -276,7 +297,9 @@ class PreferenceCollator:
         for key, value in enc.items():
             if key not in ("input_ids", "attention_mask"):
                 if isinstance(value, torch.Tensor) and value.shape == enc["input_ids"].shape:
-                    raise ValueError(f"processor output '{key}' is token-aligned: not supported by packed preferences")
+                    raise ValueError(
+                        f"processor output '{key}' is token-aligned: not supported by packed preferences"
+                    )
                 out[key] = value
         out["is_retrieved"] = torch.arange(len(rows)) >= len(pairs)
         out["pair_keys"] = keys

@@ -30,8 +30,12 @@ POSITIONS = (
     "bottom left", "bottom", "bottom right",
 )  # fmt: skip
 # Paraphrases of each canonical word; every surface form maps back to one canonical word.
-SHAPE_SYNONYMS = {"circle": ("circle", "disc"), "square": ("square", "box"), "triangle": ("triangle",),
-                  "diamond": ("diamond",)}
+SHAPE_SYNONYMS = {
+    "circle": ("circle", "disc"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
+    "diamond": ("diamond",),
+}
 POSITION_PHRASES = {
     "top left": ("in the top left", "at the top left", "in the upper left corner"),
     "top": ("at the top", "in the top middle", "near the top"),
@@ -66,7 +70,9 @@ class ShapesConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_objects <= self.max_objects <= len(POSITIONS):
-            raise ValueError(f"need 1 <= min_objects <= max_objects <= 9, got {self.min_objects}..{self.max_objects}")
+            raise ValueError(
+                f"need 1 <= min_objects <= max_objects <= 9, got {self.min_objects}..{self.max_objects}"
+            )
         if self.image_size < 24:
             raise ValueError(f"image_size must be at least 24 pixels, got {self.image_size}")
         if self.captions_per_image < 1:
@@ -131,7 +137,9 @@ def captions_for(objects: list[ShapeObject], rng: random.Random, count: int) -> 
         lambda objs: f"{NUMBER_WORDS[n]} {plural} : " + _join([_phrase(o, rng, False) for o in objs]),
         lambda objs: "an image of " + _join([_phrase(o, rng, False) for o in objs]),
         lambda objs: _join([_phrase(o, rng, True) for o in objs]) + " on a dark background",
-        lambda objs: f"a picture with {NUMBER_WORDS[n]} {plural} , " + _join([_phrase(o, rng, True) for o in objs]),
+        lambda objs: (
+            f"a picture with {NUMBER_WORDS[n]} {plural} , " + _join([_phrase(o, rng, True) for o in objs])
+        ),
     ]
     out: list[str] = []
     for attempt in range(200):

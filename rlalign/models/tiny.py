@@ -58,7 +58,9 @@ def build_tiny_llava(
     shapes = shapes or ShapesConfig()
     image_size = shapes.image_size
     if image_size % config.patch_size:
-        raise ValueError(f"image size {image_size} must be a multiple of model.tiny.patch_size {config.patch_size}")
+        raise ValueError(
+            f"image size {image_size} must be a multiple of model.tiny.patch_size {config.patch_size}"
+        )
     tokenizer = train_tokenizer(corpus(shapes), config.vocab_size)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},

@@ -28,6 +28,11 @@ class Objective(Protocol):
         """The number this micro-batch contributes to the step's normaliser."""
 
     def loss(
-        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, items_per_micro: float, reference: Any = None
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        *,
+        items_per_micro: float,
+        reference: Any = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss to backpropagate and detached metrics (averaged over micro-batches and ranks)."""

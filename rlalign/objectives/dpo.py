@@ -33,7 +33,9 @@ def packed_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
     q, k = segment_ids[:, :, None], segment_ids[:, None, :]
     allowed = causal & ((k == PROMPT) | (k == q)) & (k != PAD_SEGMENT)
-    allowed |= torch.eye(T, dtype=torch.bool, device=segment_ids.device)  # padding rows see themselves (no NaN)
+    allowed |= torch.eye(
+        T, dtype=torch.bool, device=segment_ids.device
+    )  # padding rows see themselves (no NaN)
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
         ~allowed, torch.finfo(dtype).min)[:, None]  # fmt: skip
 
@@ -50,7 +52,9 @@ def sequence_logps(model: Any, batch: dict[str, Any], reduction: str, dtype: tor
     logits = model(**inputs, use_cache=False).logits  # (N, T, V)
     seg, pred = batch["segment_ids"], batch["pred_pos"]
     target = batch["input_ids"]
-    picked = logits.gather(1, pred[..., None].expand(-1, -1, logits.shape[-1]))  # logits predicting each token
+    picked = logits.gather(
+        1, pred[..., None].expand(-1, -1, logits.shape[-1])
+    )  # logits predicting each token
     logp_NT = picked.float().log_softmax(-1).gather(2, target[..., None]).squeeze(-1)
     out = []
     for s in (FIRST, SECOND):
@@ -60,8 +64,9 @@ def sequence_logps(model: Any, batch: dict[str, Any], reduction: str, dtype: tor
     return torch.stack(out, 1)
 
 
-def ref_logps(reference: Any, batch: dict[str, Any], cache: RefLogpCache | None, reduction: str,
-              dtype: torch.dtype) -> torch.Tensor:
+def ref_logps(
+    reference: Any, batch: dict[str, Any], cache: RefLogpCache | None, reduction: str, dtype: torch.dtype
+) -> torch.Tensor:
     """Reference (N, 2) log-probs: from the cache when every pair of the batch is in it, else one
     reference forward (whose results the cache stores)."""
     if cache is not None:
@@ -99,7 +104,9 @@ class DPOObjective:
     def count_items(self, batch: dict[str, Any]) -> float:
         return float(len(batch["pair_keys"]))
 
-    def loss(self, model, batch, *, items_per_micro: float, reference: Any = None) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, model, batch, *, items_per_micro: float, reference: Any = None
+    ) -> tuple[torch.Tensor, dict]:
         dtype = compute_dtype(model)
         logps = sequence_logps(model, batch, self.cfg.logp_reduction, dtype)
         ref = ref_logps(reference, batch, self.cache, self.cfg.logp_reduction, dtype)
@@ -107,5 +114,8 @@ class DPOObjective:
                                        self.cfg.label_smoothing)  # fmt: skip
         loss = per_pair.sum() / items_per_micro
         metrics = {"loss": loss.detach(), **{f"rewards/{k}": v.mean() for k, v in m.items()}}
-        metrics["logps/chosen"], metrics["logps/rejected"] = logps[:, 0].detach().mean(), logps[:, 1].detach().mean()
+        metrics["logps/chosen"], metrics["logps/rejected"] = (
+            logps[:, 0].detach().mean(),
+            logps[:, 1].detach().mean(),
+        )
         return loss, metrics

@@ -51,7 +51,9 @@ class RDPOObjective(DPOObjective):
     def __init__(self, cfg: RDPOConfig):
         super().__init__(cfg)
 
-    def loss(self, model, batch, *, items_per_micro: float, reference: Any = None) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, model, batch, *, items_per_micro: float, reference: Any = None
+    ) -> tuple[torch.Tensor, dict]:
         dtype = compute_dtype(model)
         logps = sequence_logps(model, batch, self.cfg.logp_reduction, dtype)
         ref = ref_logps(reference, batch, self.cache, self.cfg.logp_reduction, dtype)

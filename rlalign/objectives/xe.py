@@ -46,7 +46,12 @@ class XEObjective:
         return float(batch["labels"].shape[0])
 
     def loss(
-        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, items_per_micro: float, reference: Any = None
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        *,
+        items_per_micro: float,
+        reference: Any = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(**model_inputs(batch)).logits
         nll_BT, mask_BT = token_nll(logits, batch["labels"])

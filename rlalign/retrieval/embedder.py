@@ -74,7 +74,9 @@ class ImageEmbedder:
         """Images run through the vision tower (cache misses) since construction."""
         self.cache_hits = 0
         self.cache_path = (
-            Path(self.config.cache_dir).expanduser() / self.fingerprint[:24] if self.config.cache_dir else None
+            Path(self.config.cache_dir).expanduser() / self.fingerprint[:24]
+            if self.config.cache_dir
+            else None
         )
         self._cache: dict[bytes, np.ndarray] = {}
         self._load_cache()
@@ -85,7 +87,9 @@ class ImageEmbedder:
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         keys = [image_key(im) for im in images]
-        todo = sorted({k: i for i, k in enumerate(keys) if k not in self._cache}.items(), key=lambda kv: kv[1])
+        todo = sorted(
+            {k: i for i, k in enumerate(keys) if k not in self._cache}.items(), key=lambda kv: kv[1]
+        )
         self.cache_hits += len(keys) - len(todo)
         if todo:
             fresh = self._forward([images[i] for _, i in todo])

@@ -23,7 +23,11 @@ def _truth(row: dict) -> list[dict]:
 def pair_stats(dataset: Any) -> dict[str, float]:
     """How often the rejected answer names a shape or colour that is not in the image (it should,
     mostly), against the chosen one, plus the similarities the builder recorded."""
-    cols = [c for c in ("chosen", "rejected", "objects", "similarity", "text_similarity", "tries") if c in dataset.column_names]
+    cols = [
+        c
+        for c in ("chosen", "rejected", "objects", "similarity", "text_similarity", "tries")
+        if c in dataset.column_names
+    ]
     rows = dataset.select_columns(cols).to_list()
     if not rows:
         return {"pairs": 0}
@@ -54,7 +58,9 @@ def render_pairs(dataset: Any, path: str | Path, n: int = 4) -> Path:
     import matplotlib.pyplot as plt
 
     n = min(n, len(dataset))
-    fig, axes = plt.subplots(n, 3, figsize=(11, 2.2 * n), squeeze=False, gridspec_kw={"width_ratios": [1, 1, 3]})
+    fig, axes = plt.subplots(
+        n, 3, figsize=(11, 2.2 * n), squeeze=False, gridspec_kw={"width_ratios": [1, 1, 3]}
+    )
     for k in range(n):
         row = dataset[k]
         for ax, image, title in ((axes[k, 0], row["images"][0], row["image_id"]),
@@ -66,7 +72,14 @@ def render_pairs(dataset: Any, path: str | Path, n: int = 4) -> Path:
         text.axis("off")
         text.text(0, 0.75, f"chosen:   {row['chosen']}", fontsize=8, color="darkgreen", wrap=True)
         text.text(0, 0.45, f"rejected: {row['rejected']}", fontsize=8, color="darkred", wrap=True)
-        text.text(0, 0.15, f"mask: {row['mask']}  (text cos {row['text_similarity']:.2f})", fontsize=7, color="gray", wrap=True)
+        text.text(
+            0,
+            0.15,
+            f"mask: {row['mask']}  (text cos {row['text_similarity']:.2f})",
+            fontsize=7,
+            color="gray",
+            wrap=True,
+        )
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

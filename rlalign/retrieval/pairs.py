@@ -102,7 +102,9 @@ class Slot:
 
 def mask_template(text: str, vocab: dict[str, list[str]]) -> list[str | Slot]:
     """Words of `text`, with each maskable phrase (longest match first) replaced by a `Slot`."""
-    phrases = sorted(((tuple(p.split()), cat) for cat, ps in vocab.items() for p in ps), key=lambda x: -len(x[0]))
+    phrases = sorted(
+        ((tuple(p.split()), cat) for cat, ps in vocab.items() for p in ps), key=lambda x: -len(x[0])
+    )
     words = text.split()
     out: list[str | Slot] = []
     i = 0
@@ -111,7 +113,11 @@ def mask_template(text: str, vocab: dict[str, list[str]]) -> list[str | Slot]:
         for phrase, cat in phrases:
             span = [w.lower() for w in words[i : i + len(phrase)]]
             # inner words match exactly; the last may carry trailing punctuation
-            if len(span) == len(phrase) and span[:-1] == list(phrase[:-1]) and span[-1].rstrip(_PUNCT) == phrase[-1]:
+            if (
+                len(span) == len(phrase)
+                and span[:-1] == list(phrase[:-1])
+                and span[-1].rstrip(_PUNCT) == phrase[-1]
+            ):
                 hit = (phrase, cat)
                 break
         if hit is None:
@@ -159,9 +165,13 @@ def response_logprobs(model: torch.nn.Module, processor: Any, images: list, prom
         if key in ("input_ids", "attention_mask"):
             continue
         if key in TOKEN_ALIGNED:
-            value = torch.cat([value, torch.full((len(images), width), TOKEN_ALIGNED[key], dtype=value.dtype)], 1)
+            value = torch.cat(
+                [value, torch.full((len(images), width), TOKEN_ALIGNED[key], dtype=value.dtype)], 1
+            )
         if value.shape[0] != len(images):
-            raise NotImplementedError(f"processor output '{key}' is not one row per image; cannot batch refills")
+            raise NotImplementedError(
+                f"processor output '{key}' is not one row per image; cannot batch refills"
+            )
         inputs[key] = value[g]
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     logits_BTV = model(**inputs).logits[:, p - 1 : -1].float()
@@ -388,7 +398,9 @@ def build_pairs(recipe: Any) -> Path:
                 chosen = generate_captions(model, processor, [pool[i]["image"] for i in rows], recipe.data.prompt,
                                            max_new_tokens=recipe.data.max_response_tokens)  # fmt: skip
             cols = _shard_rows(rows, pool, chosen, ctx)
-            _atomic_parquet(Dataset.from_dict(cols, features=ctx["features"]), shard_dir / f"shard-{s:05d}.parquet")
+            _atomic_parquet(
+                Dataset.from_dict(cols, features=ctx["features"]), shard_dir / f"shard-{s:05d}.parquet"
+            )
             progress.advance(task)
     state.wait_for_everyone()
     if state.is_main_process:

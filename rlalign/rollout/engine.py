@@ -97,9 +97,7 @@ class RolloutEngine:
                     k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()
                 }
                 seeds = [
-                    row_seed(self.seed, step, iid, g)
-                    for iid in batch["image_ids"]
-                    for g in range(group_size)
+                    row_seed(self.seed, step, iid, g) for iid in batch["image_ids"] for g in range(group_size)
                 ]
                 comp = sample_groups(bare, batch, seeds, group_size, self.cfg, self.tok)
                 mask = completion_mask(comp, self.tok.eos_token_id)

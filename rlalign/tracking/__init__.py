@@ -45,7 +45,11 @@ class Tracker:
         """On resume: drop lines logged after the checkpoint, so the file holds one trajectory."""
         if not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line and json.loads(line).get("step", 0) <= step
+        ]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(k + "\n" for k in keep))
         tmp.replace(self.path)
@@ -53,7 +57,9 @@ class Tracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.console_every and (step % self.console_every == 0 or any(k.startswith("val/") for k in metrics)):
+        if self.console_every and (
+            step % self.console_every == 0 or any(k.startswith("val/") for k in metrics)
+        ):
             shown = {k: v for k, v in metrics.items() if k in CONSOLE_KEYS or k.startswith("val/")}
             log.info("step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         if self.use_wandb:

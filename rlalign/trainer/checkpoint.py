@@ -40,7 +40,7 @@ class TrainState:
     engine: str = "single"
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     seen: set[int] = set()
     out = {}
     for k, v in tensors.items():
@@ -85,7 +85,11 @@ class Checkpointer:
     def complete(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-") and ".tmp" not in p.name]
+        found = [
+            p
+            for p in self.root.iterdir()
+            if p.is_dir() and p.name.startswith("step-") and ".tmp" not in p.name
+        ]
         return sorted((p for p in found if (p / MARKER).is_file()), key=lambda p: p.name)
 
     def resolve(self, resume: str) -> Path | None:
@@ -101,7 +105,9 @@ class Checkpointer:
         return path
 
     # -- saving ---------------------------------------------------------------------------------
-    def save(self, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainState, recipe_yaml: str) -> Path:
+    def save(
+        self, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainState, recipe_yaml: str
+    ) -> Path:
         rt = self.runtime
         final = self.root / f"step-{state.step:07d}"
         tmp = self.root / f"step-{state.step:07d}.tmp"
@@ -109,18 +115,18 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         rt.barrier()
-        model_sd = self._model_state(model)
+        model_sd = self.model_state(model)
         if rt.backend == "deepspeed":
             model.save_checkpoint(str(tmp / "deepspeed"), tag="state")
         else:
-            optim_sd = self._optimizer_state(model, optimizer)
+            optim_sd = self.optimizer_state(model, optimizer)
             if rt.is_main:
                 torch.save(optim_sd, tmp / "optimizer.pt")
         meta, tensors = _rng_state()
         (tmp / "rng" / f"rank-{rt.rank}.json").write_text(json.dumps(meta))
-        _save_tensors(tensors, tmp / "rng" / f"rank-{rt.rank}.safetensors")
+        save_tensors(tensors, tmp / "rng" / f"rank-{rt.rank}.safetensors")
         if rt.is_main:
-            _save_tensors(model_sd, tmp / "model.safetensors")
+            save_tensors(model_sd, tmp / "model.safetensors")
             (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
             (tmp / "recipe.yaml").write_text(recipe_yaml)
@@ -135,17 +141,19 @@ class Checkpointer:
         rt.barrier()
         return final
 
-    def _model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         rt = self.runtime
         if rt.backend == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
         if rt.backend == "deepspeed":
             return rt.accelerator.get_state_dict(model)
         return rt.unwrap(model).state_dict() if rt.is_main else {}
 
-    def _optimizer_state(self, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    def optimizer_state(self, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
         if self.runtime.backend == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -187,7 +195,9 @@ class Checkpointer:
         if not meta_file.is_file():
             log.warning("no RNG state for rank %d in %s (world size changed?); RNG not restored", rank, path)
             return
-        _set_rng_state(json.loads(meta_file.read_text()), load_file(str(path / "rng" / f"rank-{rank}.safetensors")))
+        _set_rng_state(
+            json.loads(meta_file.read_text()), load_file(str(path / "rng" / f"rank-{rank}.safetensors"))
+        )
 
     def clean_partial(self) -> None:
         if self.runtime.is_main and self.root.is_dir():

@@ -19,7 +19,16 @@ class StepSampler:
     """Batch sampler yielding this rank's micro-batches from `start_step` to `end_step`."""
 
     def __init__(
-        self, n: int, *, micro: int, world: int, rank: int, accum: int, seed: int, start_step: int, end_step: int
+        self,
+        n: int,
+        *,
+        micro: int,
+        world: int,
+        rank: int,
+        accum: int,
+        seed: int,
+        start_step: int,
+        end_step: int,
     ):
         if n < 1:
             raise ValueError("the training set is empty")

@@ -62,7 +62,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def optimizer_update(model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm) -> dict:
+def optimizer_update(
+    model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm
+) -> dict:
     """One optimizer step over `window` (this rank's micro-batches); metrics are global means."""
     counts = torch.tensor([sum(objective.count_items(b) for b in window)], dtype=torch.float64)
     items_per_micro = float(runtime.all_reduce(counts)) / (len(window) * runtime.world_size)
@@ -84,21 +86,29 @@ def optimizer_update(model, objective, window, optimizer, scheduler, runtime, re
         tokens += int(batch["attention_mask"].sum())
         samples += batch["input_ids"].shape[0]
     keys = sorted(sums)
-    totals = runtime.all_reduce(torch.tensor([sums[k] for k in keys] + [tokens, samples], dtype=torch.float64))
+    totals = runtime.all_reduce(
+        torch.tensor([sums[k] for k in keys] + [tokens, samples], dtype=torch.float64)
+    )
     out = {k: float(totals[i]) / (len(window) * runtime.world_size) for i, k in enumerate(keys)}
     out.update(grad_norm=grad_norm, lr=lr, tokens=float(totals[-2]), samples=float(totals[-1]))
     return out
 
 
-def train_step(model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm, step) -> dict:
+def train_step(
+    model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm, step
+) -> dict:
     """One loop step. Supervised objectives: one optimizer update over `window`. Rollout objectives:
     `objective.rollout` (seeded by the step) turns `window` into a buffer of micro-batches, reused for `inner_epochs`
     passes of updates of `len(window)` micro-batches each; metrics are averaged over the updates."""
     if not objective.needs_rollout:
-        return optimizer_update(model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm)
+        return optimizer_update(
+            model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm
+        )
     buffer, metrics = objective.rollout(model, window, step=step, runtime=runtime, reference=reference)
     accum = len(window)
-    updates = [buffer[i : i + accum] for _ in range(objective.inner_epochs) for i in range(0, len(buffer), accum)]
+    updates = [
+        buffer[i : i + accum] for _ in range(objective.inner_epochs) for i in range(0, len(buffer), accum)
+    ]
     results = [optimizer_update(model, objective, u, optimizer, scheduler, runtime, reference, max_grad_norm)
                for u in updates]  # fmt: skip
     for key in results[0]:
@@ -124,12 +134,25 @@ def evaluate_nll(model, dataset, collate, runtime: Runtime, size: int, batch_siz
     return float(total[0] / total[1])
 
 
+def validate(model, objective, data, runtime: Runtime, reference, t) -> dict[str, float]:
+    """`val/loss` (reference-caption NLL) for caption data; the objective's own loss and metrics
+    (rewards, accuracies) for preference data."""
+    if data.val_metric == "loss":
+        return {
+            "val/loss": evaluate_nll(
+                model, data.val, data.collate, runtime, t.eval_size, t.per_device_batch_size
+            )
+        }
+    return evaluate_objective(model, objective, data.val, data.collate, runtime, reference, t.eval_size,
+                              t.per_device_batch_size)  # fmt: skip
+
+
 def export_final(model, processor, runtime: Runtime, recipe: Recipe, out: Path) -> None:
     """A plain HF checkpoint (config + safetensors + processor) any `from_pretrained` loads."""
-    from rlalign.trainer.checkpoint import _save_tensors
+    from rlalign.trainer.checkpoint import save_tensors
 
     ckpt = Checkpointer(out.parent, runtime, 1)
-    state = ckpt._model_state(model)
+    state = ckpt.model_state(model)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         bare = runtime.unwrap(model)
@@ -142,7 +165,7 @@ def export_final(model, processor, runtime: Runtime, recipe: Recipe, out: Path) 
             bare, state = base, merged.merge_and_unload().state_dict()
         bare.config.save_pretrained(out)
         bare.generation_config.save_pretrained(out)
-        _save_tensors(state, out / "model.safetensors")
+        save_tensors(state, out / "model.safetensors")
         processor.save_pretrained(out)
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
     runtime.barrier()
@@ -172,11 +195,13 @@ def train(recipe: Recipe) -> Path:
     objective = build_objective(recipe, processor)
     reference = ReferenceModel.build(recipe.model.reference, policy, runtime)
     data = build_data(objective.data_kind, recipe, processor)
-    train_set, val_set, collate = data.train, data.val, data.collate
+    train_set = data.train
     o = recipe.optim
     model, optimizer, scheduler = runtime.prepare(
         policy,
-        lambda params: torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay),
+        lambda params: torch.optim.AdamW(
+            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        ),
         lambda optimizer: make_scheduler(optimizer, recipe),
         micro_batch_size=t.per_device_batch_size,
     )
@@ -192,8 +217,10 @@ def train(recipe: Recipe) -> Path:
     write_run_info(out, runtime, model)
     if runtime.is_main:
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
-        log.info("engine %s, world size %d, %d train pairs", runtime.engine, runtime.world_size, len(train_set))
-    loader = step_loader(train_set, collate, micro=t.per_device_batch_size, world=runtime.world_size,
+        log.info(
+            "engine %s, world size %d, %d train pairs", runtime.engine, runtime.world_size, len(train_set)
+        )
+    loader = step_loader(train_set, data.collate, micro=t.per_device_batch_size, world=runtime.world_size,
                          rank=runtime.rank, accum=t.grad_accum_steps, seed=t.seed, start_step=state.step,
                          end_step=t.max_steps, num_workers=t.num_workers)  # fmt: skip
     if resume_from is not None:
@@ -206,8 +233,17 @@ def train(recipe: Recipe) -> Path:
         while state.step < t.max_steps:
             started = time.perf_counter()
             window = [next(batches) for _ in range(t.grad_accum_steps)]
-            m = train_step(model, objective, window, optimizer, scheduler, runtime, reference, recipe.optim.max_grad_norm,
-                           state.step)
+            m = train_step(
+                model,
+                objective,
+                window,
+                optimizer,
+                scheduler,
+                runtime,
+                reference,
+                recipe.optim.max_grad_norm,
+                state.step,
+            )
             state.step += 1
             state.samples_seen += int(m["samples"])
             elapsed = time.perf_counter() - started
@@ -215,11 +251,7 @@ def train(recipe: Recipe) -> Path:
                      tokens_per_s=m.pop("tokens") / elapsed, step_time_s=elapsed)  # fmt: skip
             last = state.step == t.max_steps
             if (t.eval_every and state.step % t.eval_every == 0) or last:
-                if data.val_metric == "loss":
-                    m["val/loss"] = evaluate_nll(model, val_set, collate, runtime, t.eval_size, t.per_device_batch_size)
-                else:  # the objective's own loss and metrics (preference pairs: rewards, accuracies)
-                    m.update(evaluate_objective(model, objective, val_set, collate, runtime, reference, t.eval_size,
-                                                t.per_device_batch_size))  # fmt: skip
+                m.update(validate(model, objective, data, runtime, reference, t))
             if state.step % t.log_every == 0 or last or "val/loss" in m:
                 tracker.log(m, state.step)
             bar.update(task, completed=state.step, info=f"loss {m['loss']:.4f}")

@@ -25,8 +25,12 @@ def evaluate_objective(model, objective, dataset, collate, runtime: Runtime, ref
     for start in range(0, len(idx), batch_size):
         rows = [dataset[picks[i]] for i in idx[start : start + batch_size]]
         w = sum(weights[start : start + batch_size])
-        batch = {k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in collate(rows).items()}
-        _, metrics = objective.loss(model, batch, items_per_micro=objective.count_items(batch), reference=reference)
+        batch = {
+            k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in collate(rows).items()
+        }
+        _, metrics = objective.loss(
+            model, batch, items_per_micro=objective.count_items(batch), reference=reference
+        )
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) * w
         weight += w

@@ -52,7 +52,9 @@ class Runtime:
     """Times `full_parameters` gathered sharded parameters (ZeRO-3 / FSDP2), for tests and metrics."""
 
     @classmethod
-    def create(cls, cfg: DistributedConfig, *, grad_accum_steps: int = 1, log_with: str | None = None) -> Runtime:
+    def create(
+        cls, cfg: DistributedConfig, *, grad_accum_steps: int = 1, log_with: str | None = None
+    ) -> Runtime:
         backend = detect_backend(cfg)
         cuda = torch.cuda.is_available()
         kwargs: dict[str, Any] = {
@@ -73,7 +75,9 @@ class Runtime:
                 os.environ.pop(key, None)
             os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
             kwargs["cpu"] = not cuda
-            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)]
+            kwargs["kwargs_handlers"] = [
+                DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
+            ]
         accelerator = Accelerator(**kwargs)
         if backend == "ddp" and accelerator.num_processes == 1:
             backend = "single"
@@ -100,7 +104,11 @@ class Runtime:
     def zero_stage(self) -> int:
         if self.backend != "deepspeed":
             return 0
-        return int(self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+        return int(
+            self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get(
+                "stage", 0
+            )
+        )
 
     @property
     def engine(self) -> str:
@@ -148,7 +156,9 @@ class Runtime:
         """A frozen model (the reference) sharded like the policy, in eval mode."""
         model.requires_grad_(False).eval()
         if self.backend == "fsdp2":
-            shard_fsdp2(model, self.world_size, self.device, reshard=True, mixed_precision=self.cfg.mixed_precision)
+            shard_fsdp2(
+                model, self.world_size, self.device, reshard=True, mixed_precision=self.cfg.mixed_precision
+            )
             return model
         if self.backend == "deepspeed" and self.zero_stage == 3:
             import deepspeed
@@ -157,7 +167,8 @@ class Runtime:
             config = {
                 # built before the policy is prepared, when the launch file's value may still be "auto"
                 "train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"]
-                if isinstance(ds["train_micro_batch_size_per_gpu"], int) else 1,
+                if isinstance(ds["train_micro_batch_size_per_gpu"], int)
+                else 1,
                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                 "bf16": ds.get("bf16", {"enabled": False}),
                 "fp16": ds.get("fp16", {"enabled": False}),
@@ -202,8 +213,9 @@ class Runtime:
 
             self.param_gathers += 1
             # hooks detached: else every sub-module forward (every generated token) gathers again
-            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None), _zero3_hooks_detached(
-                model
+            with (
+                deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None),
+                _zero3_hooks_detached(model),
             ):
                 yield model
         elif self.backend == "fsdp2":
@@ -292,7 +304,11 @@ def shard_fsdp2(
     model.to(device)
     mesh = init_device_mesh(device.type, (world_size,))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        if dtype
+        else MixedPrecisionPolicy()
+    )
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     for block in blocks:
