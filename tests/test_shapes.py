@@ -6,7 +6,7 @@ import datasets
 
 from rlalign.config.schema import DataConfig
 from rlalign.data.captions import load_split
-from rlalign.data.shapes import COLORS, POSITIONS, ShapesConfig, make_item, mentioned
+from rlalign.data.shapes import COLORS, POSITIONS, ShapesConfig, make_item, mentioned, mentioned_objects
 from rlalign.evaluate import grounding
 
 
@@ -57,3 +57,16 @@ def test_grounding_metrics_hand_computed():
     assert m["shape_precision"] == 1.0 and m["shape_recall"] == 1.0
     # pairs (red, circle) yes, (green, square) no, (blue, circle) no
     assert m["object_precision"] == 1 / 3
+
+
+def test_mentioned_objects_reads_positions_longest_first():
+    text = "a red circle at the top left, a blue box in the middle and a green diamond"
+    assert mentioned_objects(text) == {("red", "circle", "top left"), ("blue", "square", "center"),
+                                       ("green", "diamond", None)}  # fmt: skip
+    for i in range(50):  # every reference caption names exactly the image's objects
+        item = make_item(ShapesConfig(), "val", i)
+        truth = {(o.color, o.shape, o.position) for o in item.objects}
+        for caption in item.captions:
+            found = mentioned_objects(caption)
+            assert {(c, s) for c, s, _ in found} == {(c, s) for c, s, _ in truth}
+            assert all(p is None or (c, s, p) in truth for c, s, p in found), caption

@@ -188,6 +188,24 @@ def mentioned(text: str) -> tuple[set[str], set[str]]:
     return {SHAPE_WORDS[w] for w in words if w in SHAPE_WORDS}, {w for w in words if w in COLOR_WORDS}
 
 
+# longest first, so "at the top left" is not read as "at the top"
+_PHRASE_TO_POSITION = dict(
+    sorted(((ph, pos) for pos, phs in POSITION_PHRASES.items() for ph in phs), key=lambda kv: -len(kv[0]))
+)
+
+
+def mentioned_objects(text: str) -> set[tuple[str, str, str | None]]:
+    """(colour, shape, position or None) of every "a <colour> <shape> [<position phrase>]" in a caption."""
+    words = text.lower().replace(",", " ").split()
+    found = set()
+    for i in range(len(words) - 1):
+        if words[i] in COLOR_WORDS and words[i + 1] in SHAPE_WORDS:
+            rest = " ".join(words[i + 2 : i + 7])
+            position = next((pos for ph, pos in _PHRASE_TO_POSITION.items() if rest.startswith(ph)), None)
+            found.add((words[i], SHAPE_WORDS[words[i + 1]], position))
+    return found
+
+
 def corpus(config: ShapesConfig, n_items: int = 500) -> list[str]:
     """Captions of the first `n_items` training items, plus every grammar word, for the tokenizer."""
     texts = [c for i in range(n_items) for c in make_item(config, "train", i, draw=False).captions]

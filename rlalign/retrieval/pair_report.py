@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from rlalign.data.shapes import mentioned
+from rlalign.data.shapes import mentioned, mentioned_objects
 from rlalign.evaluate import grounding
 
 
@@ -21,8 +21,9 @@ def _truth(row: dict) -> list[dict]:
 
 
 def pair_stats(dataset: Any) -> dict[str, float]:
-    """How often the rejected answer names a shape or colour that is not in the image (it should,
-    mostly), against the chosen one, plus the similarities the builder recorded."""
+    """How often the rejected answer names a shape or colour that is not in the image, or an object
+    that is not there or not where it says (`wrong_object`; it should, mostly), against the chosen
+    one, plus the similarities the builder recorded."""
     cols = [
         c
         for c in ("chosen", "rejected", "objects", "similarity", "text_similarity", "tries")
@@ -37,9 +38,20 @@ def pair_stats(dataset: Any) -> dict[str, float]:
         shapes, colors = mentioned(text)
         return bool(shapes - {o["shape"] for o in objs} or colors - {o["color"] for o in objs})
 
+    def wrong_object(text: str, objs: list[dict]) -> bool:
+        """Names a (colour, shape) absent from the image, or puts a present one in the wrong cell."""
+        have = {(o["color"], o["shape"]) for o in objs}
+        cells = {(o["color"], o["shape"], o.get("position")) for o in objs}
+        return any(
+            (c, s) not in have or (p is not None and (c, s, p) not in cells)
+            for c, s, p in mentioned_objects(text)
+        )
+
     rejected, chosen = [r["rejected"] for r in rows], [r["chosen"] for r in rows]
     return {
         "pairs": len(rows),
+        "rejected_wrong_object": float(np.mean([wrong_object(t, o) for t, o in zip(rejected, truth)])),
+        "chosen_wrong_object": float(np.mean([wrong_object(t, o) for t, o in zip(chosen, truth)])),
         "rejected_hallucinates": float(np.mean([names_absent(t, o) for t, o in zip(rejected, truth)])),
         "chosen_hallucinates": float(np.mean([names_absent(t, o) for t, o in zip(chosen, truth)])),
         "rejected_hallucination_rate": grounding(rejected, truth)["hallucination_rate"],
