@@ -11,7 +11,7 @@ import time
 import datasets
 import pytest
 import torch
-from conftest import BIN, ROOT, TINY, make_env, rlalign
+from conftest import BIN, ROOT, TINY, free_port, make_env, rlalign, run
 
 from rlalign.config import load_recipe
 from rlalign.config.schema import ModelConfig, TinyModelConfig
@@ -90,7 +90,6 @@ def _rows(path):
 
 
 @pytest.mark.e2e
-@pytest.mark.slow  # ~75 s on 2 busy cores: three CLI runs
 def test_killed_and_restarted_equals_uninterrupted(tmp_path):
     env = make_env()
     cache = tmp_path / "cache"
@@ -148,3 +147,20 @@ def test_resume_in_process_redoes_only_missing_shards(tmp_path):
     assert _rows(path)[:2] == (n, rows)
     assert {f: (shards / f).stat().st_mtime_ns for f in kept} == kept  # finished shards were not redone
     assert len(list(shards.glob("shard-*.parquet"))) == 4 and not list(shards.glob(".*"))
+
+
+@pytest.mark.distributed
+def test_two_processes_build_the_same_pairs(tmp_path):
+    """`accelerate launch` with 2 processes: each rank builds its shards, rank 0 joins them; the
+    dataset equals the single-process one."""
+    cache = tmp_path / "cache"
+    rlalign("pairs", "build", *_args(tmp_path / "one", cache))
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", "launch/ddp-8gpu.yaml", "--num_processes", "2",
+           "--main_process_port", str(free_port()), "-m", "rlalign.cli", "pairs", "build",
+           *_args(tmp_path / "two", cache)]  # fmt: skip
+    run(cmd)
+    n_one, rows_one, _ = _rows(tmp_path / "one" / "pairs.parquet")
+    n_two, rows_two, _ = _rows(tmp_path / "two" / "pairs.parquet")
+    assert n_two == n_one and rows_two == rows_one
+    shards = sorted(p.name for p in (tmp_path / "two" / "shards").glob("shard-*.parquet"))
+    assert len(shards) == 8  # 32 images / shards of 4, split over the two ranks

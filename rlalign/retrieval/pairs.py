@@ -270,13 +270,13 @@ def _retriever(cfg: PairsConfig, out: Path, embedder: Any, pool: Dataset, state:
     def load():
         return VectorIndex.load(out / INDEX_DIR, expect_fingerprint=embedder.fingerprint, device="cpu")
 
-    try:
-        index = load()
-    except (FileNotFoundError, IndexMetadataError):
-        if state.is_main_process:
+    if state.is_main_process:  # every rank meets the barrier below, whether or not rank 0 builds
+        try:
+            load()
+        except (FileNotFoundError, IndexMetadataError):
             build_index(cfg, embedder, pool["image"], out / INDEX_DIR)
-        state.wait_for_everyone()
-        index = load()
+    state.wait_for_everyone()
+    index = load()
     return lambda q, k, ex: index.search(q, k, exclude_ids=ex)
 
 
