@@ -173,14 +173,13 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(server, local, what, requ
 
 
 def test_client_surfaces_4xx_without_retrying(server):
-    with IndexClient(server.url, retries=3, backoff=5.0) as client:  # a retry would take >= 5 s
-        t0 = time.perf_counter()
+    with IndexClient(server.url, retries=3, backoff=5.0) as client:
         with pytest.raises(IndexServiceError, match="400: dimension mismatch") as err:
             client.knn("imgs", np.ones((2, 7), np.float32), K)
         assert err.value.status == 400 and err.value.attempts == 1
-        with pytest.raises(IndexServiceError, match="404: unknown index 'nope'"):
+        with pytest.raises(IndexServiceError, match="404: unknown index 'nope'") as err:
             client.knn("nope", np.ones((2, DIM), np.float32), K)
-        assert time.perf_counter() - t0 < 5.0
+        assert err.value.attempts == 1  # a 4xx is never retried
 
 
 def test_exclude_dedup_and_json_over_http(server, local, index_dirs):
