@@ -4,7 +4,9 @@ XE warm start from a random tiny Llava -> SCST and GRPO from the XE checkpoint -
 built with the XE policy -> DPO and rDPO from the XE checkpoint on those pairs. Every stage runs as
 an `rlalign` subprocess, exactly as a user would run it; then every model is evaluated on the test
 split. The report folder holds report.md (tables, plots, samples), report.json (every figure) and
-the run folders. XE and the pairs run once; the RL and preference stages once per seed.
+the run folders. XE and the pairs run once; the RL and preference stages once per seed. A stage
+whose run folder already holds its result (`final/`, `pairs.parquet`) is reused, so a demo that
+stopped part-way continues where it stopped.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ def _run_dir(runs: Path, stage: Stage, seed: int) -> Path:
 
 def _run(stage: Stage, runs: Path, seed: int, quick: bool) -> Path:
     out = _run_dir(runs, stage, seed)
+    if (out / ("pairs.parquet" if stage.command == "pairs build" else "final")).exists():
+        log.info("stage %s%s: already done in %s, reused", stage.name, f" (seed {seed})" if stage.seeded else "", out)
+        return out
     cmd = [sys.executable, "-m", "rlalign.cli", *stage.command.split(), str(RECIPES_DIR / stage.recipe),
            f"trainer.output_dir={out}", f"trainer.seed={seed}", "tracking.backend=none", *stage.inputs(runs),
            *((*QUICK, *stage.quick) if quick else ())]  # fmt: skip
