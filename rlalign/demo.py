@@ -86,7 +86,12 @@ def _run_dir(runs: Path, stage: Stage, seed: int) -> Path:
 def _run(stage: Stage, runs: Path, seed: int, quick: bool) -> Path:
     out = _run_dir(runs, stage, seed)
     if (out / ("pairs.parquet" if stage.command == "pairs build" else "final")).exists():
-        log.info("stage %s%s: already done in %s, reused", stage.name, f" (seed {seed})" if stage.seeded else "", out)
+        log.info(
+            "stage %s%s: already done in %s, reused",
+            stage.name,
+            f" (seed {seed})" if stage.seeded else "",
+            out,
+        )
         return out
     cmd = [sys.executable, "-m", "rlalign.cli", *stage.command.split(), str(RECIPES_DIR / stage.recipe),
            f"trainer.output_dir={out}", f"trainer.seed={seed}", "tracking.backend=none", *stage.inputs(runs),
@@ -123,6 +128,11 @@ def _plot_curves(runs_by_stage: dict[str, list[Path]], key: str, title: str, pat
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _printable(text: str, width: int = 110) -> str:
+    """Captions of an untrained model hold arbitrary bytes; keep what a font can draw."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:width]
 
 
 def _plot_samples(evals: dict[str, CaptionEval], path: Path, n: int = 6) -> None:
@@ -205,7 +215,7 @@ def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str
     md = ["# rlalign demo: the shapes world\n",
           f"A tiny Llava from random weights, trained on CPU. {len(init.image_ids)} held-out test images, greedy "
           f"captions; {seeds} seed(s) per RL / preference method (mean ± std over seeds). "
-          f"Stage times: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}"
+          f"Stage times: {', '.join(f'{k} {v:.0f} s' if v >= 1 else f'{k} reused' for k, v in timings.items())}"
           f"{' (quick mode)' if quick else ''}.\n",
           "## Test split\n", _table(rows, spread),
           "\n`chance`: each image scored against another image's reference caption (a model that ignores its "
