@@ -25,7 +25,7 @@ import torch
 
 from rlalign.config.schema import GRPOConfig, Recipe
 from rlalign.rollout.advantage import group_normalized
-from rlalign.rollout.engine import build_engine, completion_logprobs
+from rlalign.rollout.engine import build_engine, completion_items, completion_logprobs
 
 
 def grpo_token_loss(
@@ -85,9 +85,7 @@ class GRPOObjective:
                            reference=reference if self.cfg.beta > 0 else None, minibatches=self.cfg.minibatches)  # fmt: skip
 
     def count_items(self, batch: dict) -> float:
-        if self.cfg.normalize == "token":
-            return float(batch["completion_mask"].sum())
-        return float(batch["completion_mask"].shape[0])
+        return completion_items(batch, self.cfg.normalize)
 
     def loss(self, model: Any, batch: dict, *, items_per_micro: float, reference: Any = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip

@@ -23,7 +23,7 @@ import torch
 from rlalign.config.schema import Recipe, SCSTConfig
 from rlalign.objectives.grpo import masked_mean, reduce_loss
 from rlalign.rollout.advantage import greedy_baseline, leave_one_out
-from rlalign.rollout.engine import build_engine, completion_logprobs
+from rlalign.rollout.engine import build_engine, completion_items, completion_logprobs
 
 
 def scst_token_loss(logp: torch.Tensor, adv_N: torch.Tensor) -> torch.Tensor:
@@ -53,9 +53,7 @@ class SCSTObjective:
                            with_greedy=self.cfg.baseline == "greedy", advantage=self.advantage, old_logp=False)  # fmt: skip
 
     def count_items(self, batch: dict) -> float:
-        if self.cfg.normalize == "token":
-            return float(batch["completion_mask"].sum())
-        return float(batch["completion_mask"].shape[0])
+        return completion_items(batch, self.cfg.normalize)
 
     def loss(self, model: Any, batch: dict, *, items_per_micro: float, reference: Any = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip

@@ -167,6 +167,12 @@ class RolloutEngine:
         return out
 
 
+def completion_items(batch: dict, normalize: str) -> float:
+    """Normaliser count of a rollout micro-batch: completion tokens (`token`) or completions."""
+    mask = batch["completion_mask"]
+    return float(mask.sum()) if normalize == "token" else float(mask.shape[0])
+
+
 def build_engine(recipe: Any, processor: Any) -> RolloutEngine:
     """The rollout engine of a recipe: rewards with df / references from the training split."""
     from rlalign.data.captions import load_split
