@@ -110,12 +110,17 @@ class DPOObjective:
         dtype = compute_dtype(model)
         logps = sequence_logps(model, batch, self.cfg.logp_reduction, dtype)
         ref = ref_logps(reference, batch, self.cache, self.cfg.logp_reduction, dtype)
+        per_pair, metrics = self.terms(logps, ref)
+        loss = per_pair.sum() / items_per_micro
+        return loss, {"loss": loss.detach(), **metrics}
+
+    def terms(self, logps: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Per-pair losses and metrics from policy and reference log-probs [pairs, sequences]."""
         per_pair, m = preference_terms(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], self.cfg.beta,
                                        self.cfg.label_smoothing)  # fmt: skip
-        loss = per_pair.sum() / items_per_micro
-        metrics = {"loss": loss.detach(), **{f"rewards/{k}": v.mean() for k, v in m.items()}}
+        metrics = {f"rewards/{k}": v.mean() for k, v in m.items()}
         metrics["logps/chosen"], metrics["logps/rejected"] = (
             logps[:, 0].detach().mean(),
             logps[:, 1].detach().mean(),
         )
-        return loss, metrics
+        return per_pair, metrics

@@ -16,13 +16,13 @@ Where it departs from the paper:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from rlalign.config.schema import RDPOConfig
-from rlalign.objectives.dpo import DPOObjective, compute_dtype, preference_terms, ref_logps, sequence_logps
+from rlalign.objectives.dpo import DPOObjective, preference_terms
 
 
 def rdpo_terms(logps: torch.Tensor, ref: torch.Tensor, cfg: RDPOConfig) -> tuple[torch.Tensor, dict]:
@@ -51,12 +51,5 @@ class RDPOObjective(DPOObjective):
     def __init__(self, cfg: RDPOConfig):
         super().__init__(cfg)
 
-    def loss(
-        self, model, batch, *, items_per_micro: float, reference: Any = None
-    ) -> tuple[torch.Tensor, dict]:
-        dtype = compute_dtype(model)
-        logps = sequence_logps(model, batch, self.cfg.logp_reduction, dtype)
-        ref = ref_logps(reference, batch, self.cache, self.cfg.logp_reduction, dtype)
-        per_pair, metrics = rdpo_terms(logps, ref, self.cfg)
-        loss = per_pair.sum() / items_per_micro
-        return loss, {"loss": loss.detach(), **metrics}
+    def terms(self, logps: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return rdpo_terms(logps, ref, self.cfg)
