@@ -1,6 +1,7 @@
-"""`rlalign train|validate|ls|eval|demo|bench|index|pairs`.
+"""`rlalign train|validate|ls|init|launch|eval|demo|bench|index|pairs`.
 
-Errors a user can fix (a bad recipe, a missing file) print one line and exit 2.
+Errors a user can fix (a bad recipe, a missing file, a bad data row, a model that cannot be found) print
+one line and exit 2; `--debug` (or `RLALIGN_DEBUG=1`) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -9,17 +10,20 @@ import argparse
 import importlib
 import logging
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
-from rlalign.config import RecipeError, load_recipe
-from rlalign.config.loader import RECIPES_DIR
+from rlalign.config import Recipe, RecipeError, load_recipe
+from rlalign.config.loader import LAUNCH_DIR, PACKAGE_DIR, RECIPES_DIR, resolve_recipe_path
 
 BENCHES = {
     "cider": "rlalign.bench.cider",
     "grpo": "rlalign.bench.grpo",
     "dpo": "rlalign.bench.dpo",
     "index": "rlalign.bench.index",
+    "service": "rlalign.bench.service",
 }
 
 
@@ -45,10 +49,23 @@ def _setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+def load_checked(path: str, overrides: list[str], *, validate: bool = False) -> tuple[Recipe, list[str]]:
+    """`load_recipe` plus `preflight`: everything knowable before any weights are read, and notes.
+    `validate` also checks LoRA targets on the model's skeleton (train checks them on the real model)."""
+    from rlalign.preflight import preflight
+
+    recipe = load_recipe(path, overrides)
+    try:
+        notes = preflight(recipe, model_structure=validate, before_earlier_stages=validate)
+    except RecipeError as err:
+        raise RecipeError(f"{resolve_recipe_path(path)}: {err}") from None
+    return recipe, notes
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rlalign.trainer.loop import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe, _ = load_checked(args.recipe, args.overrides)
     out = train(recipe)
     logging.getLogger("rlalign").info("run folder: %s", out)
     return 0
@@ -56,9 +73,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     for path in args.recipes:
-        load_recipe(path, args.overrides)
-        print(f"ok  {path}")
+        _, notes = load_checked(path, args.overrides, validate=True)
+        print(f"ok  {path}" + "".join(f"\n    note: {n}" for n in notes))
     return 0
+
+
+def _description(path: Path) -> str:
+    line = next((x for x in path.read_text().splitlines() if x.startswith("description:")), "")
+    return line.removeprefix("description:").strip()
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -68,10 +90,69 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for name in sorted(OBJECTIVES):
             print(name)
         return 0
+    print(f"recipes ({RECIPES_DIR}):")
     for path in sorted(RECIPES_DIR.rglob("*.yaml")):
-        first = next((line for line in path.read_text().splitlines() if line.startswith("description:")), "")
-        print(f"{path.relative_to(RECIPES_DIR)!s:40} {first.removeprefix('description:').strip()}")
+        print(f"  {path.relative_to(RECIPES_DIR)!s:38} {_description(path)}")
+    print(f"launch files ({LAUNCH_DIR}):")
+    for path in sorted(p for p in LAUNCH_DIR.rglob("*") if p.is_file()):
+        print(f"  {path.relative_to(PACKAGE_DIR)!s}")
     return 0
+
+
+def _shipped_recipe(name: str) -> Path:
+    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate.resolve()
+    shipped = ", ".join(str(p.relative_to(RECIPES_DIR)) for p in sorted(RECIPES_DIR.rglob("*.yaml")))
+    raise RecipeError(f"init: no shipped recipe '{name}' (shipped: {shipped})")
+
+
+def _init_files(recipe: Path) -> list[Path]:
+    """The shipped files a recipe needs to run as its header says: itself, its `base:` chain, the launch
+    files its comment lines name and the DeepSpeed files those name (all relative to the package)."""
+    import yaml
+
+    files, todo = [], [recipe]
+    while todo:
+        path = todo.pop()
+        if path in files:
+            continue
+        files.append(path)
+        text = path.read_text()
+        if path.suffix == ".yaml" and path.is_relative_to(RECIPES_DIR):
+            base = (yaml.safe_load(text) or {}).get("base")
+            if base:
+                todo.append((path.parent / base).resolve())
+        for ref in re.findall(r"launch/[\w./-]+\.(?:yaml|json|sh|sbatch)", text):
+            if (PACKAGE_DIR / ref).is_file():
+                todo.append((PACKAGE_DIR / ref).resolve())
+    return files
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Copy a shipped recipe and what it needs into `--dir`, keeping the package layout (`recipes/...`,
+    `launch/...`) so the command in its header runs as written from there."""
+    dest = Path(args.dir)
+    plan = [(src, dest / src.relative_to(PACKAGE_DIR)) for src in _init_files(_shipped_recipe(args.name))]
+    clash = [str(d) for _, d in plan if d.exists()] if not args.force else []
+    if clash:
+        raise RecipeError(f"init: {', '.join(clash)} already exist(s); nothing written (--force overwrites)")
+    for src, dst in plan:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        print(f"wrote {dst}")
+    header = [
+        x.removeprefix("#").strip() for x in plan[0][0].read_text().splitlines()[:4] if x.startswith("#   ")
+    ]
+    if header:
+        print("run it with:\n  " + "\n  ".join(header))
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from rlalign.launcher import main as launch_main
+
+    return launch_main(args.rest)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -132,7 +213,7 @@ def cmd_pairs_build(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:
-        out = build_pairs(recipe)
+        out = build_pairs(recipe, overwrite=args.overwrite)
     except OSError as err:
         raise RecipeError(" ".join(str(err).split())) from None
     if out.is_file():
@@ -145,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rlalign", description="Align vision-language models with RL and preferences."
     )
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors (or RLALIGN_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
         "train", help="train a recipe (launch with `accelerate launch -m rlalign.cli train ...`)"
@@ -156,9 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("recipes", nargs="+")
     v.add_argument("--set", dest="overrides", action="append", default=[], help="a.b.c=value")
     v.set_defaults(func=cmd_validate)
-    ls = sub.add_parser("ls", help="list shipped recipes (or objectives)")
+    ls = sub.add_parser("ls", help="list shipped recipes and launch files (or objectives)")
     ls.add_argument("--objectives", action="store_true")
     ls.set_defaults(func=cmd_ls)
+    ini = sub.add_parser("init", help="copy a shipped recipe (and the launch files it names) here to edit")
+    ini.add_argument("name", help="shipped recipe, e.g. demo/shapes-xe.yaml (see `rlalign ls`)")
+    ini.add_argument("--dir", default=".", help="where to write (default: the working directory)")
+    ini.add_argument("--force", action="store_true", help="overwrite files that exist")
+    ini.set_defaults(func=cmd_init)
+    la = sub.add_parser(
+        "launch",
+        help="run `accelerate launch`/`torchrun` so SIGTERM checkpoints and exits 0",
+        add_help=False,
+        prefix_chars="+",
+    )
+    la.add_argument("rest", nargs=argparse.REMAINDER)
+    la.set_defaults(func=cmd_launch)
     e = sub.add_parser("eval", help="caption metrics of a saved model on a split")
     e.add_argument("recipe")
     e.add_argument("--model", required=True, help="folder written by train (run/final)")
@@ -194,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pbb.add_argument("recipe")
     pbb.add_argument("overrides", nargs="*", help="a.b.c=value")
+    pbb.add_argument("--overwrite", action="store_true", help="start over when the settings changed")
     pbb.set_defaults(func=cmd_pairs_build)
     b = sub.add_parser("bench", help="ours against a peer in the same run; ends with one JSON line")
     b.add_argument("name")
@@ -205,10 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    debug = args.debug or os.environ.get("RLALIGN_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
     except (RecipeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

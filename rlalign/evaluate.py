@@ -134,7 +134,8 @@ def diversity(model: torch.nn.Module, processor: Any, data: DataConfig, *, split
               samples: int = 5, temperature: float = 1.0) -> dict[str, float]:  # fmt: skip
     """distinct-1/2 (unique n-grams / n-grams over all samples) and mean self-BLEU of `samples` sampled
     captions per image, on the first `limit` images of `split` (seeded, so reruns agree)."""
-    ds = load_split(data, split).select(range(limit))
+    ds = load_split(data, split)
+    ds = ds.select(range(min(limit, len(ds))))
     images = [im for im in ds["image"] for _ in range(samples)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -19,7 +19,9 @@ import yaml
 from rlalign.config.schema import Recipe
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+RECIPES_DIR = PACKAGE_DIR / "recipes"
+LAUNCH_DIR = PACKAGE_DIR / "launch"
 
 
 class RecipeError(ValueError):

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from rlalign.config import RecipeError
 from rlalign.config.schema import DataConfig, ModelConfig
 from rlalign.data.shapes import ShapesConfig
 from rlalign.models.tiny import build_tiny_llava
@@ -43,7 +44,8 @@ def load_base(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torch.n
             cfg.name_or_path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
         )
     except OSError as err:
-        raise OSError(f"model.name_or_path '{cfg.name_or_path}': could not load ({err})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(f"model.name_or_path: '{cfg.name_or_path}': could not load ({first})") from None
     return model, processor
 
 
@@ -65,7 +67,7 @@ def build_policy(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torc
     if cfg.freeze_vision:
         frozen = vision_parameters(model)
         if not frozen:
-            raise ValueError(f"model.freeze_vision: no vision module found in {type(model).__name__}")
+            raise RecipeError(f"model.freeze_vision: no vision module found in {type(model).__name__}")
         for p in frozen:
             p.requires_grad_(False)
     if cfg.gradient_checkpointing:
@@ -73,6 +75,10 @@ def build_policy(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torc
         model.config.use_cache = False
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
+
+        from rlalign.preflight import check_lora_targets
+
+        check_lora_targets(cfg, data, model)
 
         lora = LoraConfig(
             r=cfg.lora.r,

@@ -24,6 +24,10 @@ class Objective(Protocol):
     data_kind: ClassVar[str]
     """Key of `rlalign.data.DATA_KINDS`: what the objective trains on."""
 
+    @classmethod
+    def requires_reference(cls, cfg: Any) -> bool:
+        """Whether a run with these settings scores against a reference policy (checked by `validate`)."""
+
     def count_items(self, batch: dict[str, torch.Tensor]) -> float:
         """The number this micro-batch contributes to the step's normaliser."""
 

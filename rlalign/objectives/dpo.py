@@ -97,6 +97,10 @@ class DPOObjective:
     data_kind: ClassVar[str] = "preferences"
     uses_retrieved: ClassVar[bool] = False
 
+    @classmethod
+    def requires_reference(cls, cfg: Any) -> bool:
+        return cls.needs_reference
+
     def __init__(self, cfg: DPOConfig):
         self.cfg = cfg
         self.cache = RefLogpCache(cfg.ref_cache_dir, cfg.logp_reduction) if cfg.ref_cache_dir else None

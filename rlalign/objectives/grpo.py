@@ -66,6 +66,11 @@ class GRPOObjective:
     needs_rollout: ClassVar[bool] = True
     data_kind: ClassVar[str] = "images"
 
+    @classmethod
+    def requires_reference(cls, cfg: Any) -> bool:
+        """The k3 KL term needs the reference; beta 0 runs without one."""
+        return cfg.beta > 0
+
     def __init__(self, cfg: GRPOConfig, *, recipe: Recipe, processor: Any):
         if cfg.beta > 0 and recipe.model.reference == "none":
             raise ValueError("objective.grpo.beta > 0 needs model.reference (copy or adapter_disabled)")

@@ -36,6 +36,11 @@ class SCSTObjective:
     needs_reference: ClassVar[bool] = False
     needs_rollout: ClassVar[bool] = True
     data_kind: ClassVar[str] = "images"
+
+    @classmethod
+    def requires_reference(cls, cfg: Any) -> bool:
+        return cls.needs_reference
+
     inner_epochs: int = 1
 
     def __init__(self, cfg: SCSTConfig, *, recipe: Recipe, processor: Any):

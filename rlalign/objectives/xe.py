@@ -37,6 +37,10 @@ class XEObjective:
     needs_rollout: ClassVar[bool] = False
     data_kind: ClassVar[str] = "captions"
 
+    @classmethod
+    def requires_reference(cls, cfg: Any) -> bool:
+        return cls.needs_reference
+
     def __init__(self, cfg: XEConfig):
         self.cfg = cfg
 

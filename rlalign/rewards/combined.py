@@ -7,14 +7,15 @@ shapes-world hallucination penalty; user terms are given as `package.module:func
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from rlalign.config import RecipeError
 from rlalign.config.schema import RewardConfig
 from rlalign.data.shapes import mentioned
+from rlalign.preflight import load_callable
 from rlalign.rewards.bleu import BleuReward
 from rlalign.rewards.cider import CiderReward
 
@@ -30,14 +31,6 @@ def hallucination_penalty(samples: Sequence[str], image_ids: Sequence[Hashable],
     return out
 
 
-def load_callable(spec: str) -> Callable[..., Any]:
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"reward '{spec}': cannot import ({err})") from None
-
-
 class CombinedReward:
     """Sum of weighted reward terms; `__call__` returns the total [N] and each term [N] by name."""
 
@@ -46,14 +39,29 @@ class CombinedReward:
             raise ValueError("objective.rewards: at least one reward term is needed")
         builtins = {"cider": lambda: CiderReward(refs_by_image_id), "bleu": lambda: BleuReward(refs_by_image_id),
                     "hallucination": lambda: hallucination_penalty}  # fmt: skip
-        self.terms = [(c.name, c.weight, builtins[c.name]() if c.name in builtins else load_callable(c.name))
+        self.terms = [(c.name, c.weight, builtins[c.name]() if c.name in builtins
+                       else load_callable(c.name, where=f"objective.rewards: '{c.name}'"))
                       for c in cfgs]  # fmt: skip
 
     def __call__(self, samples: Sequence[str], image_ids: Sequence[Hashable], **columns: Any
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
         parts = {
-            name: np.asarray(fn(samples, image_ids, **columns), dtype=np.float64)
-            for name, _, fn in self.terms
+            name: _scores(name, fn(samples, image_ids, **columns), len(samples)) for name, _, fn in self.terms
         }
         total = sum(w * parts[name] for name, w, _ in self.terms)
         return total, parts
+
+
+def _scores(name: str, value: Any, n: int) -> np.ndarray:
+    """A reward's return value as [n] finite floats, or a one-line error naming the reward."""
+    try:
+        out = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise RecipeError(
+            f"objective.rewards: '{name}' returned {type(value).__name__}, expected {n} numbers"
+        ) from None
+    if out.shape != (n,):
+        raise RecipeError(f"objective.rewards: '{name}' returned {out.size} values for {n} completions")
+    if not np.isfinite(out).all():
+        raise RecipeError(f"objective.rewards: '{name}' returned a non-finite value")
+    return out
