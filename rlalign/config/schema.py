@@ -128,8 +128,16 @@ class DataConfig:
     skip_bad_rows: bool = False
     """Preference data: drop bad rows (missing image, empty response, prompt too long), logging the counts,
     instead of failing on the first one with an error naming its row and column."""
+    max_image_pixels: int = 4096 * 4096
+    """Largest image (width x height) read from data; larger ones are handled as `oversize_images` says. The
+    default is well above any processor's largest input resolution and far below a decompression bomb."""
+    oversize_images: Literal["error", "downscale"] = "error"
+    """An image above `max_image_pixels`: `error` (a bad row, naming its row and column) or `downscale`
+    (resized, aspect kept, to fit `max_image_pixels`)."""
 
     def __post_init__(self) -> None:
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.source == "local" and not self.path:
@@ -347,6 +355,9 @@ class TrainerConfig:
     """DataLoader workers."""
     export_final: bool = True
     """Save the final policy with save_pretrained (+ processor) under output_dir/final."""
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    """A non-finite loss or gradient norm: `stop` the run with one line naming the step (before the optimizer
+    step and before anything is saved), or `skip_step` (drop that update, log it, go on)."""
 
     def __post_init__(self) -> None:
         for name in (
