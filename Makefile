@@ -5,16 +5,17 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all test-distributed lint format bench docker clean
+.PHONY: setup demo test test-all test-distributed lint format bench docker docker-check lock clean
 
 setup: $(VENV)/.installed
 
 # CPU torch is pinned first (the wheel on disk); an unpinned torch would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# Everything installs under constraints.txt, the versions the tests run with (the Docker image uses it too).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,serve,cpu-index]'
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,serve,cpu-index]'
 	touch $@
 
 demo: setup
@@ -40,8 +41,18 @@ format: setup
 bench: setup
 	$(BIN)/rlalign bench cider
 
-docker:
+docker: docker-check
 	docker build -f docker/Dockerfile -t rlalign:latest .
+
+# Lint docker/Dockerfile and check its pins are constraints.txt's (no Docker engine needed).
+docker-check:
+	$(PY) docker/check.py
+
+# Re-pin constraints.txt from the working venv (after changing pyproject.toml; then run make test).
+lock: setup
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^rlalign' | \
+	  sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; grep '^faiss-gpu' constraints.txt; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf runs reports .pytest_cache
