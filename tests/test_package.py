@@ -90,21 +90,17 @@ def test_init_copies_recipe_its_bases_and_launch_files(installed, tmp_path):
     # the copy is the user's to edit: the edited local file is what validate reads
     local = tmp_path / "recipes/test/tiny-dpo.yaml"
     local.write_text(local.read_text() + "\ntrainer:\n  max_stpes: 3\n")
-    bad = subprocess.run(
-        [str(bin_ / "rlalign"), "validate", "recipes/test/tiny-dpo.yaml"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and "trainer.max_stpes: unknown key (did you mean 'max_steps'?)" in bad.stderr
-    again = subprocess.run(
-        [str(bin_ / "rlalign"), "init", "test/tiny-dpo.yaml"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+
+    def refused(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [str(bin_ / "rlalign"), *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        return proc
+
+    bad = refused("validate", "recipes/test/tiny-dpo.yaml")
+    assert "trainer.max_stpes: unknown key (did you mean 'max_steps'?)" in bad.stderr
+    again = refused("init", "test/tiny-dpo.yaml")
     assert again.returncode == 2 and "already exist" in again.stderr and "max_stpes" in local.read_text()
 
 
