@@ -1,15 +1,21 @@
-"""GRPO on hand-computed float64 cases, and the real rollout path on the tiny model."""
+"""GRPO on hand-computed float64 cases, the real rollout path on the tiny model (its reward statistics
+against a hand computation), and `minibatches` through the real CLI."""
 
 from __future__ import annotations
 
 import math
+import statistics
 
+import numpy as np
 import pytest
 import torch
+from conftest import metrics, rlalign
+from safetensors.torch import load_file
 
 from rlalign.config import load_recipe
 from rlalign.objectives.grpo import grpo_token_loss, reduce_loss
-from rlalign.rollout.advantage import group_normalized, zero_std_share
+from rlalign.rollout.advantage import group_normalized
+from rlalign.rollout.engine import RolloutEngine
 
 D = torch.float64
 
@@ -21,7 +27,6 @@ def test_group_advantages_by_hand():
     assert adv.tolist() == pytest.approx([-1 / (1 + 1e-5), 0.0, 1 / (1 + 1e-5), 0.0, 0.0, 0.0], abs=1e-15)
     assert group_normalized(r, 3, scale_by_std=False).tolist() == [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     assert group_normalized(torch.tensor([4.0], dtype=D), 1).tolist() == [0.0]  # NaN std -> 0
-    assert zero_std_share(r, 3) == 0.5
 
 
 def test_grpo_token_loss_by_hand():
@@ -72,13 +77,15 @@ def test_zero_std_group_contributes_no_gradient():
 
 
 @pytest.fixture(scope="module")
-def tiny_setup():
+def tiny_setup(tmp_path_factory):
     from rlalign.data import build_data
     from rlalign.models.builder import ReferenceModel, build_policy
     from rlalign.objectives import build_objective
     from rlalign.trainer.runtime import Runtime
 
-    recipe = load_recipe("recipes/test/tiny-grpo.yaml", ["trainer.output_dir=/tmp/unused"])
+    recipe = load_recipe(
+        "recipes/test/tiny-grpo.yaml", [f"trainer.output_dir={tmp_path_factory.mktemp('grpo')}"]
+    )
     runtime = Runtime.create(recipe.distributed)
     policy, processor = build_policy(recipe.model, recipe.data)
     objective = build_objective(recipe, processor)
@@ -124,3 +131,71 @@ def test_sampling_is_seeded_per_image_not_per_batch(tiny_setup):
     assert torch.equal(
         whole, sample_groups(policy, repeated, seeds, 1, cfg, tok)
     )  # same as G-times pixel values
+
+
+# Rewards per sample of the 4 images x 4 samples: only image 0's are all equal (no GRPO signal).
+GROUP_REWARDS = [[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 2.0, 3.0], [2.0, 2.0, 3.0, 2.0], [5.0, 1.0, 1.0, 1.0]]
+
+
+def fixed_reward(texts, image_ids, **columns):
+    """The rollout's reward callable, returning GROUP_REWARDS in sample order whatever was sampled."""
+    total = np.array([r for group in GROUP_REWARDS for r in group])
+    assert len(texts) == len(image_ids) == total.size
+    return total, {"fixed": total}
+
+
+def test_rollout_advantages_and_reward_statistics_by_hand(tiny_setup):
+    """What the loop logs and trains on: advantages in the buffer and the rollout's reward / advantage
+    means, stds and zero-std group share, against statistics computed here in float64."""
+    policy, objective, _, runtime, window = tiny_setup
+    engine = RolloutEngine(objective.engine.cfg, fixed_reward, objective.engine.tok, 0)
+    G, eps = objective.cfg.group_size, objective.cfg.std_eps
+    assert G == 4
+    buffer, m = engine(policy, window, runtime=runtime, group_size=G, with_greedy=False,
+                       advantage=objective.advantage, old_logp=False, step=0)  # fmt: skip
+    adv = []
+    for group in GROUP_REWARDS:
+        mean, std = statistics.fmean(group), statistics.stdev(group)  # sample std
+        adv += [(r - mean) / (std + eps) if std > 0 else 0.0 for r in group]
+    rewards = [r for group in GROUP_REWARDS for r in group]
+    assert buffer[0]["advantages"].tolist() == pytest.approx(adv, abs=1e-6)
+    assert m["zero_std_groups"] == 0.25
+    assert m["reward_mean"] == pytest.approx(statistics.fmean(rewards), abs=1e-12)
+    assert m["reward_std"] == pytest.approx(statistics.pstdev(rewards), abs=1e-12)
+    assert m["reward/fixed_mean"] == pytest.approx(statistics.fmean(rewards), abs=1e-12)
+    assert m["advantage_mean"] == pytest.approx(statistics.fmean(adv), abs=1e-12)
+    assert m["advantage_std"] == pytest.approx(statistics.pstdev(adv), abs=1e-12)
+    lengths = buffer[0]["completion_mask"].sum(1).double()
+    assert m["gen_length_mean"] == pytest.approx(float(lengths.mean()), abs=1e-12)
+
+
+GRPO = "recipes/test/tiny-grpo.yaml"
+
+
+def test_minibatches_equal_accumulated_minibatches(tmp_path):
+    """`minibatches: 2` on a micro-batch of 4 images (two updates of 2 images each) equals micro-batches of 2
+    images x 2 accumulation steps (each update = one rollout micro-batch, accumulated over its 2 parts):
+    same losses and parameters; and it is not the single update of `minibatches: 1`."""
+    # Adam eps 1: updates proportional to the gradient, so float noise on a near-zero gradient stays noise
+    common = ["trainer.export_final=true", "trainer.max_steps=2", "objective.grpo.inner_epochs=1",
+              "optim.lr=1e-3", "optim.eps=1.0"]  # fmt: skip
+    runs = {
+        "split": ["trainer.per_device_batch_size=4", "objective.grpo.minibatches=2"],
+        "accumulated": [
+            "trainer.per_device_batch_size=2",
+            "trainer.grad_accum_steps=2",
+            "objective.grpo.minibatches=2",
+        ],  # fmt: skip
+        "one_update": ["trainer.per_device_batch_size=4", "objective.grpo.minibatches=1"],
+    }
+    for name, args in runs.items():
+        rlalign("train", GRPO, f"trainer.output_dir={tmp_path / name}", *common, *args)
+    split, acc = metrics(tmp_path / "split"), metrics(tmp_path / "accumulated")
+    for key in ("loss", "reward_mean", "advantage_std", "grad_norm"):
+        assert [x[key] for x in split] == pytest.approx([x[key] for x in acc], abs=1e-6), key
+    assert all(x["loss"] != 0.0 for x in split)
+    params = {name: load_file(tmp_path / name / "final/model.safetensors") for name in runs}
+    worst = max(float((params["split"][k] - params["accumulated"][k]).abs().max()) for k in params["split"])
+    assert worst < 1e-6, worst
+    moved = max(float((params["split"][k] - params["one_update"][k]).abs().max()) for k in params["split"])
+    assert moved > 1e-5, moved

@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import BIN, TINY, losses, make_env, metrics, rlalign, run
 
@@ -27,16 +28,41 @@ def test_accumulation_invariance(tmp_path, single_run):
     assert losses(out)[0] != pytest.approx(losses(out)[-1], abs=1e-3)
 
 
-def test_sequence_normalisation_differs_from_token(tmp_path, single_run):
+def first_step_hf_losses(per_device_batch_size: int) -> tuple[float, float]:
+    """HF's own loss (`labels=`) on the run's first global batch under the initial weights: mean over all
+    response tokens (token normalisation) and mean over rows of each row's token mean (sequence)."""
+    from rlalign.config import load_recipe
+    from rlalign.data import build_data
+    from rlalign.models.builder import build_policy
+    from rlalign.trainer.data import step_loader
+
+    recipe = load_recipe(TINY)
+    t = recipe.trainer
+    policy, processor = build_policy(recipe.model, recipe.data)
+    data = build_data("captions", recipe, processor)
+    loader = step_loader(data.train, data.collate, micro=per_device_batch_size, world=1, rank=0, accum=1,
+                         seed=t.seed, start_step=0, end_step=1)  # fmt: skip
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape[0] == per_device_batch_size
+    policy.eval()
+    with torch.no_grad():
+        token = float(policy(**batch).loss)
+        rows = [
+            float(policy(**{k: v[i : i + 1] for k, v in batch.items()}).loss)
+            for i in range(len(batch["labels"]))
+        ]
+    return token, sum(rows) / len(rows)
+
+
+def test_token_and_sequence_normalisation_equal_hf_losses(tmp_path, single_run):
+    """First logged loss (initial weights) of `normalize: token` and `sequence` runs against HF's loss."""
     out = tmp_path / "seq"
-    rlalign(
-        "train",
-        TINY,
-        f"trainer.output_dir={out}",
-        "trainer.per_device_batch_size=4",
-        "objective.xe.normalize=sequence",
-    )
-    assert losses(out)[0] != pytest.approx(losses(single_run)[0], abs=1e-6)
+    rlalign("train", TINY, f"trainer.output_dir={out}", "trainer.per_device_batch_size=4",
+            "objective.xe.normalize=sequence")  # fmt: skip
+    token, sequence = first_step_hf_losses(4)
+    assert abs(token - sequence) > 1e-3  # rows of different lengths: the two reductions differ
+    assert losses(single_run)[0] == pytest.approx(token, abs=1e-5)
+    assert losses(out)[0] == pytest.approx(sequence, abs=1e-5)
 
 
 def _wandb_records(run_dir: Path) -> list:

@@ -69,14 +69,15 @@ def ref_logps(
 ) -> torch.Tensor:
     """Reference (N, 2) log-probs: from the cache when every pair of the batch is in it, else one
     reference forward (whose results the cache stores)."""
+    keys = cache.keys(batch) if cache is not None else []
     if cache is not None:
-        hit = cache.lookup(batch["pair_keys"], reference)
+        hit = cache.lookup(keys, reference)
         if hit is not None:
             return hit.to(batch["input_ids"].device)
     with torch.no_grad():
         logps = sequence_logps(reference, batch, reduction, dtype)
     if cache is not None:
-        cache.store(batch["pair_keys"], logps)
+        cache.store(keys, logps)
     return logps
 
 

@@ -1,7 +1,9 @@
 """Cached reference log-probs: the reference runs once per pair, ever.
 
-Entries are keyed by (image hashes + token ids of the packed pair, from the collator) under a
-folder named by the reference fingerprint (parameter names, shapes and per-parameter float64 sums
+Entries are keyed by `pair_cache_keys`: the collator's pair key (raw image hashes + token ids of the
+packed pair) and a digest of the pair's processed image inputs (pixel values, grid sizes, ...), so
+another image processor (resolution, crop, normalisation) or another image pipeline misses instead of
+serving stale log-probs. They live under a folder named by the reference fingerprint (parameter names, shapes and per-parameter float64 sums
 and squared sums, reduced over ranks so ZeRO-3 / FSDP2 shards give the same value; LoRA adapter
 weights excluded for the adapter-disabled reference). A batch whose pairs are all cached runs no
 reference forward; otherwise the reference runs on the batch and its rows are stored. Each rank
@@ -21,6 +23,51 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
+
+TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids", "segment_ids", "pred_pos", "is_retrieved")
+"""Batch tensors already covered by the collator's pair key (token ids) or derived from it."""
+
+
+def _digest(h: Any, name: str, t: torch.Tensor) -> None:
+    t = t.detach().contiguous().cpu()
+    h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+    h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _row_parts(batch: dict[str, Any], name: str, value: torch.Tensor, rows: int) -> list[torch.Tensor] | None:
+    """`value` split into one part per row: one leading entry per row, or (Qwen2-VL style) patches
+    concatenated over the rows' images, split by `image_grid_thw`; None when it does not split."""
+    if value.shape[0] == rows:
+        return list(value)
+    grid = batch.get("image_grid_thw")
+    if name != "image_grid_thw" and isinstance(grid, torch.Tensor) and grid.shape[0] == rows:
+        sizes = grid.prod(-1).tolist()
+        if sum(sizes) == value.shape[0]:
+            return list(value.split(sizes))
+    return None
+
+
+def pair_cache_keys(batch: dict[str, Any]) -> list[str]:
+    """One cache key per pair: the collator's `pair_keys` and the processed image inputs of the
+    pair's rows (row i, and row B + i, the retrieved image, when the batch has 2B rows).
+
+    An input that cannot be split per row is hashed whole into every key of the batch: such keys
+    only hit for the same batch, never serve another image's log-probs."""
+    pair_keys = batch["pair_keys"]
+    B, N = len(pair_keys), batch["input_ids"].shape[0]
+    hashes = [hashlib.sha256(k.encode()) for k in pair_keys]
+    for name in sorted(batch):
+        value = batch[name]
+        if name in TEXT_INPUTS or not isinstance(value, torch.Tensor):
+            continue
+        parts = _row_parts(batch, name, value, N)
+        for i, h in enumerate(hashes):
+            if parts is None:
+                _digest(h, name, value)
+                continue
+            for row in range(i, N, B):
+                _digest(h, name, parts[row])
+    return [h.hexdigest() for h in hashes]
 
 
 def reference_fingerprint(reference: Any) -> str:
@@ -43,6 +90,8 @@ def reference_fingerprint(reference: Any) -> str:
 
 
 class RefLogpCache:
+    """Reference log-probs by `pair_cache_keys`, under a folder per (reference fingerprint, reduction)."""
+
     def __init__(self, root: str, reduction: str, flush_rows: int = 512):
         self.root = Path(root).expanduser()
         self.reduction = reduction
@@ -61,6 +110,11 @@ class RefLogpCache:
         for f in sorted(self.dir.glob("*.pt")):
             self.table.update(torch.load(f, weights_only=True))
         log.info("reference log-prob cache %s: %d pairs", self.dir, len(self.table))
+
+    @staticmethod
+    def keys(batch: dict[str, Any]) -> list[str]:
+        """The batch's cache keys (see `pair_cache_keys`), for `lookup` and `store`."""
+        return pair_cache_keys(batch)
 
     def lookup(self, keys: list[str], reference: Any) -> torch.Tensor | None:
         """(N, 2) cached log-probs of the batch's rows (pair rows, then retrieved rows), or None."""
