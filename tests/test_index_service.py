@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -10,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from rlalign.retrieval.client import IndexClient, IndexServiceError, main_query
+from rlalign.retrieval.client import BINARY, IndexClient, IndexServiceError, main_query
 from rlalign.retrieval.index import IndexConfig, VectorIndex
 from rlalign.retrieval.service import ServiceConfig, main_serve, start_in_thread
 
@@ -282,3 +283,168 @@ def test_main_query_cli(server, local, tmp_path, capsys):
     assert main_query(args) == 0
     assert '"ids": [[' in capsys.readouterr().out
     assert main_query([*args[:3], "nope", *args[4:]]) == 1
+
+
+JSON_BODY = json.dumps({"queries": [[0.25] * DIM] * 3}).encode()
+JSON_BODY += b" " * (-len(JSON_BODY) % (4 * DIM))  # a whole number of float32 rows: parses as one
+FORM = "application/x-www-form-urlencoded"  # what `curl --data-binary` sends unless told otherwise
+WRONG_TYPES = [
+    ("json to binary route", "knn", "application/json", JSON_BODY, {"Accept": "application/octet-stream"}),
+    ("json, json answer", "knn", "application/json; charset=utf-8", JSON_BODY, {}),
+    ("form to binary route", "knn", FORM, _rows(2), {"Accept": "application/octet-stream"}),
+    ("form, json answer", "knn", FORM, _rows(2), {}),
+    ("multipart form", "knn", "multipart/form-data; boundary=x", _rows(2), {}),
+    ("text", "knn", "text/plain", _rows(2), {}),
+    ("form to stats", "stats", FORM, b"k=10&dim=32", {}),
+    ("form to healthz", "healthz", FORM, b"k=10&dim=32", {}),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "route", "content_type", "body", "headers"), WRONG_TYPES, ids=[w[0] for w in WRONG_TYPES]
+)
+def test_wrong_content_type_gets_415_and_server_keeps_serving(
+    server, local, what, route, content_type, body, headers
+):
+    headers = {"Content-Type": content_type, **headers}
+    if route == "knn":
+        response = _post(server.url, body=body, headers=headers)
+        expected = "application/octet-stream"
+    else:
+        path = {"stats": "/v1/stats", "healthz": "/healthz"}[route]
+        response = httpx.request("GET", f"{server.url}{path}", content=body, headers=headers)
+        expected = "no request body"
+    assert response.status_code == 415, (response.status_code, response.text[:200])
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert expected in error and content_type.split(";")[0] in error, error
+    _assert_still_serving(server.url, local)
+    # The documented type passes whatever its case and parameters.
+    q = np.random.default_rng(8).standard_normal((2, DIM)).astype("<f4")
+    ok = _post(server.url, body=q.tobytes(), headers={"Content-Type": "Application/Octet-Stream; x=1"})
+    assert ok.status_code == 200 and ok.json()["ids"] == local.search(q, K)[1].tolist()
+
+
+def test_results_cap_gets_413_naming_it(index_dirs, local):
+    cap = 2048  # query rows x k
+    q = np.random.default_rng(9).standard_normal((205, DIM)).astype("<f4")
+    with start_in_thread(index_dirs, max_results=cap) as capped:
+        for rows, k in ((204, 10), (2, 1024)):  # 2040 and 2048 result slots: at or under the cap
+            ok = _post(capped.url, body=q[:rows].tobytes(), params={"k": k})
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["ids"] == local.search(q[:rows], k)[1].tolist()
+        for rows, k, body_kw in (
+            (205, 10, {}),  # Content-Length known: refused before the body is read
+            (3, 1024, {}),
+            (205, 10, {"chunked": True}),  # no Content-Length: refused once the body is in
+        ):
+            body = q[:rows].tobytes()
+            content = iter([body[: len(body) // 2], body[len(body) // 2 :]]) if body_kw else body
+            response = httpx.post(
+                f"{capped.url}/v1/indexes/imgs/knn", content=content, params={"k": k, "dim": DIM}
+            )
+            assert response.status_code == 413, response.text[:200]
+            assert response.json()["error"] == (
+                f"{rows} queries x k={k} = {rows * k} results exceeds this server's max_results={cap}"
+            )
+        _assert_still_serving(capped.url, local)
+    with pytest.raises(ValueError, match="max_results=100 is below max_k=1024"):
+        ServiceConfig(max_results=100)
+
+
+def _blocking_search(monkeypatch, rows: int) -> tuple[threading.Event, threading.Event]:
+    """Make `VectorIndex.search` of a `rows`-row batch signal `started`, then wait for `release`."""
+    started, release = threading.Event(), threading.Event()
+    original = VectorIndex.search
+
+    def search(self, queries, k, **kw):
+        if np.asarray(queries).shape[0] == rows:
+            started.set()
+            release.wait(timeout=30)
+        return original(self, queries, k, **kw)
+
+    monkeypatch.setattr(VectorIndex, "search", search)
+    return started, release
+
+
+def _small_requests_during_huge(url: str, huge: dict, huge_started: threading.Event, local) -> list:
+    """Send one huge request and, once `huge_started` is set, 16 small ones from 8 threads (connected
+    beforehand). Returns the order in which answers arrived: ("small", i) for each small answer,
+    "huge" when the huge one's response headers came."""
+    arrivals: list = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    small_q = np.random.default_rng(12).standard_normal((16, 4, DIM)).astype(np.float32)
+    clients = [IndexClient(url, retries=0, timeout=60) for _ in range(8)]
+    for client in clients:
+        client.health()  # connect now, so that the small requests start at once
+
+    def send_huge() -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/indexes/imgs/knn", timeout=60, **huge) as response:
+                with lock:
+                    arrivals.append("huge")
+                assert response.status_code == 200
+                response.read()
+        except BaseException as err:
+            errors.append(err)
+
+    def send_small(t: int) -> None:
+        try:
+            assert huge_started.wait(timeout=30), "the huge request never reached the search"
+            for i in (2 * t, 2 * t + 1):
+                scores, ids = clients[t].knn("imgs", small_q[i], K)
+                with lock:
+                    arrivals.append(("small", i))
+                np.testing.assert_array_equal(ids, local.search(small_q[i], K)[1])
+        except BaseException as err:
+            errors.append(err)
+
+    smalls = [threading.Thread(target=send_small, args=(t,)) for t in range(8)]
+    for t in smalls:
+        t.start()
+    huge_thread = threading.Thread(target=send_huge)
+    huge_thread.start()
+    return arrivals, errors, smalls, huge_thread
+
+
+def test_small_requests_overtake_a_huge_search(index_dirs, local, monkeypatch):
+    """One search thread, held by a huge (legal) request: small requests still get answered."""
+    huge_rows = 256
+    started, release = _blocking_search(monkeypatch, huge_rows)
+    q = np.random.default_rng(11).standard_normal((huge_rows, DIM)).astype("<f4")
+    huge = dict(content=q.tobytes(), params={"k": 1024, "dim": DIM}, headers={"Accept": BINARY})
+    with start_in_thread(index_dirs, search_workers=1) as svc:
+        arrivals, errors, smalls, huge_thread = _small_requests_during_huge(svc.url, huge, started, local)
+        deadline = time.monotonic() + 10
+        for t in smalls:  # the huge search is still held: small answers must come anyway
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        release.set()
+        huge_thread.join(timeout=60)
+    assert not errors, errors[0]
+    assert started.is_set()
+    assert len(arrivals) == 17 and arrivals[-1] == "huge", arrivals
+
+
+def test_huge_json_answer_is_built_off_the_event_loop(index_dirs, local, monkeypatch):
+    """The search of a huge JSON request is done; while its answer is encoded, small ones pass.
+    (2048 x 1024 results: ~70 MB of JSON, long enough to encode that 16 small requests fit in.)"""
+    huge_rows, k = 2048, 1024
+    searched = threading.Event()
+    original = VectorIndex.search
+
+    def search(self, queries, k, **kw):
+        out = original(self, queries, k, **kw)
+        if np.asarray(queries).shape[0] == huge_rows:
+            searched.set()
+        return out
+
+    monkeypatch.setattr(VectorIndex, "search", search)
+    q = np.random.default_rng(13).standard_normal((huge_rows, DIM)).astype("<f4")
+    huge = dict(content=q.tobytes(), params={"k": k, "dim": DIM})
+    with start_in_thread(index_dirs, max_results=huge_rows * k) as svc:
+        arrivals, errors, smalls, huge_thread = _small_requests_during_huge(svc.url, huge, searched, local)
+        for t in [*smalls, huge_thread]:
+            t.join(timeout=60)
+    assert not errors, errors[0]
+    assert len(arrivals) == 17 and arrivals[-1] == "huge", arrivals

@@ -145,10 +145,15 @@ class IndexClient:
                 last = f"HTTP {response.status_code}: {message}"
             if attempt < attempts:
                 delay = self.backoff * 2 ** (attempt - 1)
+                where = f"{self.url}{path}"
                 logger.warning(
-                    "index service %s%s failed (%s); retry %d/%d in %.2fs",
-                    self.url, path, last, attempt, self.retries, delay,
-                )  # fmt: skip
+                    "index service %s failed (%s); retry %d/%d in %.2fs",
+                    where,
+                    last,
+                    attempt,
+                    self.retries,
+                    delay,
+                )
                 time.sleep(delay)
         raise IndexServiceError(
             f"index service at {self.url} failed {method} {path} after {attempts} attempts; last error: {last}",

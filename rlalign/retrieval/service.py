@@ -1,5 +1,19 @@
 """The index service: named `VectorIndex`es behind a small HTTP API (FastAPI + uvicorn).
 
+Content types, per route (anything else is answered 415 with JSON {"error": ...} naming the
+expected type; the server keeps serving):
+
+    POST /v1/indexes/{name}/knn   request body: application/octet-stream (parameters such as
+                                  `; charset=binary` are ignored; a request with no Content-Type is
+                                  read as octet-stream). JSON, form (x-www-form-urlencoded,
+                                  multipart/form-data) and text bodies are refused: `curl
+                                  --data-binary` sends a form type unless given
+                                  `-H 'Content-Type: application/octet-stream'`.
+                                  Answer: application/octet-stream when `Accept` names it, else
+                                  application/json.
+    GET  /healthz, GET /v1/stats  no request body (one with a body is refused, whatever its type).
+                                  Answer: application/json.
+
 Wire format of `POST /v1/indexes/{name}/knn` (one clean binary design, no JSON arrays of floats):
 
     query params  k=INT (required, 1..max_k), dim=INT (or header X-Dim; required),
@@ -8,20 +22,26 @@ Wire format of `POST /v1/indexes/{name}/knn` (one clean binary design, no JSON a
     body          Q*dim little-endian float32 (the queries, row-major), then, with exclude=1,
                   Q little-endian int64 (one id per query to drop, -1 for none).
                   Q is implied by the length, which must be a multiple of 4*dim (+8 with exclude).
+                  Q <= max_batch and Q*k <= max_results, else 413 naming the limit.
     response      with `Accept: application/octet-stream`: Q*k little-endian float32 scores then
                   Q*k little-endian int64 ids, headers X-Rows=Q and X-K=k (what `IndexClient` uses);
                   otherwise JSON {"k": k, "scores": [[...]], "ids": [[...]]} with padded slots as
                   score null / id -1 (JSON has no -inf).
     errors        4xx with JSON {"error": "..."}; the server keeps serving.
 
-`GET /healthz` answers {"status": "ok"}; `GET /v1/stats` gives per-index count, dim, kind, metric,
-requests and queries served, and p50/p99 latency (ms) over the last `latency_window` requests.
+`GET /healthz` answers {"status": "ok", "indexes": [...], "limits": {...}}; `GET /v1/stats` gives
+per-index count, dim, kind, metric, requests and queries served, and p50/p99 latency (ms) over the
+last `latency_window` requests.
 
 Security: binds 127.0.0.1 by default. A non-loopback host needs a token, and with a token set every
 request (health included) must carry `Authorization: Bearer TOKEN`, else 401.
 
-FAISS searches are CPU/GPU-bound and run in a small thread pool so the event loop keeps accepting;
-CPU FAISS indexes are safe to search concurrently, GPU ones are serialised per index.
+Keeping small requests fast next to big ones: the event loop only parses requests and hands over
+finished bytes. A request's search *and* the encoding of its answer run in a thread pool (JSON is
+encoded a few thousand numbers at a time, so the encoding thread gives the GIL back often).
+Requests with more than `bulk_results` result slots (Q*k) go to their own one-thread lane, so big
+jobs queue behind each other, never in front of small ones. CPU FAISS indexes are safe to search
+concurrently; GPU ones are serialised per index.
 """
 
 from __future__ import annotations
@@ -30,6 +50,7 @@ import argparse
 import asyncio
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -81,6 +102,12 @@ class ServiceConfig:
     """Most query rows in one request; larger requests get 413."""
     max_k: int = 1024
     """Largest k a request may ask for."""
+    max_results: int = 262_144
+    """Most result slots (query rows x k) in one request; larger requests get 413. The default
+    (e.g. 256 queries at k=1024, 4096 at k=64) keeps one answer within ~3 MB binary / ~7 MB JSON."""
+    bulk_results: int = 16_384
+    """Requests with more result slots than this are searched and encoded in a one-thread lane of
+    their own, so they never hold up the `search_workers` threads that small requests use."""
     search_workers: int = 2
     """Threads running FAISS searches (each may use OpenMP inside)."""
     latency_window: int = 10_000
@@ -93,9 +120,15 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"ServiceConfig.port must be in 0..65535, got {self.port}")
-        for name in ("max_batch", "max_k", "search_workers", "latency_window", "faiss_threads"):
+        positive = ("max_batch", "max_k", "max_results", "bulk_results", "search_workers", "latency_window")
+        for name in (*positive, "faiss_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"ServiceConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_results < self.max_k:
+            raise ValueError(
+                f"ServiceConfig.max_results={self.max_results} is below max_k={self.max_k}: "
+                "a single query at max_k would always be refused"
+            )
         if self.token is not None and not self.token.strip():
             raise ValueError("ServiceConfig.token is empty; pass a real token or none at all")
         if not is_loopback(self.host) and not self.token:
@@ -156,9 +189,16 @@ class _Served:
             "p99_ms": None if p99 is None else round(float(p99), 3),
         }
 
-    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None, dedup: float | None):
-        with self.search_lock or nullcontext():
-            return self.index.search(queries, k, exclude_ids=exclude, dedup_threshold=dedup)
+    def answer(
+        self, queries: np.ndarray, k: int, exclude: np.ndarray | None, dedup: float | None, binary: bool
+    ) -> bytes:
+        """Search and encode the answer: runs in a worker thread, never on the event loop."""
+        try:
+            with self.search_lock or nullcontext():
+                scores, ids = self.index.search(queries, k, exclude_ids=exclude, dedup_threshold=dedup)
+        except ValueError as err:  # e.g. a zero-norm query under cosine
+            raise RequestError(400, str(err)) from None
+        return (encode_binary if binary else encode_json)(scores, ids, k)
 
 
 def _int_param(raw: str | None, name: str) -> int:
@@ -200,6 +240,15 @@ def parse_knn_header(
     return k, exclude, dedup, 4 * dim + (8 if exclude else 0)
 
 
+def check_results_cap(rows: int, k: int, max_results: int) -> None:
+    """413 when `rows` queries at `k` exceed the per-request cap on result slots."""
+    if rows * k > max_results:
+        raise RequestError(
+            413,
+            f"{rows} queries x k={k} = {rows * k} results exceeds this server's max_results={max_results}",
+        )
+
+
 def parse_knn_body(
     body: bytes, dim: int, exclude: bool, row_bytes: int, max_batch: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -221,6 +270,64 @@ def parse_knn_body(
         raise RequestError(400, f"queries contain NaN or inf (first bad row: {int(np.argmin(finite))})")
     exclude_ids = np.frombuffer(body, dtype="<i8", offset=rows * dim * 4) if exclude else None
     return queries, exclude_ids
+
+
+def media_type(headers: Mapping[str, str]) -> str:
+    """The request's media type, lower-cased, without parameters ('' when there is no Content-Type)."""
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def check_binary_body(headers: Mapping[str, str], route: str) -> None:
+    """415 unless the body is declared octet-stream (or not declared at all)."""
+    given = media_type(headers)
+    if given not in ("", BINARY):
+        raise RequestError(
+            415,
+            f"{route} takes Content-Type {BINARY} (Q*dim little-endian float32, see the service docs), "
+            f"got {given!r}",
+        )
+
+
+def check_no_body(headers: Mapping[str, str], route: str) -> None:
+    """415 when a body-less route is sent a body, so a misdirected payload is not silently dropped."""
+    length = headers.get("content-length", "0").strip()
+    if "transfer-encoding" in headers or length not in ("", "0"):
+        given = media_type(headers) or "no Content-Type"
+        raise RequestError(415, f"{route} takes no request body, got one ({given!r})")
+
+
+_JSON_BLOCK = 8192
+"""Result slots per `json.dumps` call: each call holds the GIL, so short ones let the event loop in."""
+
+
+def _json_rows(values: np.ndarray, rows_per_block: int) -> bytes:
+    """`values` [Q, k] as the JSON rows `[..],[..]` (no outer brackets), non-finite floats as null."""
+    parts = []
+    for start in range(0, values.shape[0], rows_per_block):
+        text = json.dumps(values[start : start + rows_per_block].tolist(), separators=(",", ":"))[1:-1]
+        if values.dtype.kind == "f":
+            text = text.replace("-Infinity", "null").replace("Infinity", "null").replace("NaN", "null")
+        parts.append(text.encode())
+    return b",".join(parts)
+
+
+def encode_json(scores: np.ndarray, ids: np.ndarray, k: int) -> bytes:
+    """The JSON answer {"k", "scores", "ids"}, built a block of rows at a time."""
+    rows_per_block = max(1, _JSON_BLOCK // k)
+    return b"".join(
+        (
+            b'{"k":%d,"scores":[' % k,
+            _json_rows(scores, rows_per_block),
+            b'],"ids":[',
+            _json_rows(ids, rows_per_block),
+            b"]}",
+        )
+    )
+
+
+def encode_binary(scores: np.ndarray, ids: np.ndarray, k: int) -> bytes:
+    """The binary answer: Q*k little-endian float32 scores, then Q*k little-endian int64 ids."""
+    return scores.astype("<f4").tobytes() + ids.astype("<i8").tobytes()
 
 
 class BearerAuth:
@@ -252,12 +359,15 @@ def create_app(indexes: Mapping[str, VectorIndex], config: ServiceConfig) -> Fas
     """The ASGI app serving `indexes` by name."""
     served = {name: _Served(name, index, config.latency_window) for name, index in indexes.items()}
     pool = ThreadPoolExecutor(max_workers=config.search_workers, thread_name_prefix="index-search")
+    bulk_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-bulk")
+    limits = {"max_batch": config.max_batch, "max_k": config.max_k, "max_results": config.max_results}
     started = time.monotonic()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        pool.shutdown(wait=True, cancel_futures=True)
+        for executor in (pool, bulk_pool):
+            executor.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="rlalign index service", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -269,11 +379,13 @@ def create_app(indexes: Mapping[str, VectorIndex], config: ServiceConfig) -> Fas
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok", "indexes": sorted(served)}
+    async def healthz(request: Request) -> dict:
+        check_no_body(request.headers, "GET /healthz")
+        return {"status": "ok", "indexes": sorted(served), "limits": limits}
 
     @app.get("/v1/stats")
-    async def stats() -> dict:
+    async def stats(request: Request) -> dict:
+        check_no_body(request.headers, "GET /v1/stats")
         return {
             "uptime_s": round(time.monotonic() - started, 3),
             "indexes": {name: entry.stats() for name, entry in served.items()},
@@ -285,27 +397,29 @@ def create_app(indexes: Mapping[str, VectorIndex], config: ServiceConfig) -> Fas
         entry = served.get(name)
         if entry is None:
             raise RequestError(404, f"unknown index {name!r}; this server has {sorted(served)}")
+        check_binary_body(request.headers, f"POST /v1/indexes/{name}/knn")
         dim = entry.index.dim
         k, exclude, dedup, row_bytes = parse_knn_header(request.query_params, request.headers, dim, config)
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > config.max_batch * row_bytes:
-            raise RequestError(
-                413, f"payload of {declared} bytes exceeds max_batch={config.max_batch} rows of dim {dim}"
-            )
+        if declared and declared.isdigit():  # refuse before reading a body we would not serve
+            if int(declared) > config.max_batch * row_bytes:
+                raise RequestError(
+                    413, f"payload of {declared} bytes exceeds max_batch={config.max_batch} rows of dim {dim}"
+                )
+            check_results_cap(int(declared) // row_bytes, k, config.max_results)
         body = await request.body()
         queries, exclude_ids = parse_knn_body(body, dim, exclude, row_bytes, config.max_batch)
-        loop = asyncio.get_running_loop()
-        try:
-            scores, ids = await loop.run_in_executor(pool, entry.search, queries, k, exclude_ids, dedup)
-        except ValueError as err:  # e.g. a zero-norm query under cosine
-            raise RequestError(400, str(err)) from None
-        entry.record(queries.shape[0], (time.perf_counter() - t0) * 1000.0)
-        if BINARY in request.headers.get("accept", ""):
-            payload = scores.astype("<f4").tobytes() + ids.astype("<i8").tobytes()
-            headers = {"X-Rows": str(scores.shape[0]), "X-K": str(k)}
-            return Response(payload, media_type=BINARY, headers=headers)
-        json_scores = [[None if math.isinf(s) else s for s in row] for row in scores.tolist()]
-        return JSONResponse({"k": k, "scores": json_scores, "ids": ids.tolist()})
+        rows = queries.shape[0]
+        check_results_cap(rows, k, config.max_results)
+        binary = BINARY in request.headers.get("accept", "")
+        lane = bulk_pool if rows * k > config.bulk_results else pool
+        payload = await asyncio.get_running_loop().run_in_executor(
+            lane, entry.answer, queries, k, exclude_ids, dedup, binary
+        )
+        entry.record(rows, (time.perf_counter() - t0) * 1000.0)
+        if binary:
+            return Response(payload, media_type=BINARY, headers={"X-Rows": str(rows), "X-K": str(k)})
+        return Response(payload, media_type="application/json")
 
     return app
 
@@ -452,6 +566,15 @@ def main_serve(argv: list[str]) -> int:
     )
     parser.add_argument("--max-batch", type=int, default=4096, help="most query rows per request")
     parser.add_argument("--max-k", type=int, default=1024)
+    parser.add_argument(
+        "--max-results", type=int, default=ServiceConfig.max_results, help="most queries x k per request"
+    )
+    parser.add_argument(
+        "--bulk-results",
+        type=int,
+        default=ServiceConfig.bulk_results,
+        help="requests with more queries x k than this run in their own one-thread lane",
+    )
     parser.add_argument("--workers", type=int, default=2, help="search threads")
     parser.add_argument("--faiss-threads", type=int, help="OpenMP threads per search (default: all cores)")
     args = parser.parse_args(argv)
@@ -464,6 +587,8 @@ def main_serve(argv: list[str]) -> int:
             token=args.token,
             max_batch=args.max_batch,
             max_k=args.max_k,
+            max_results=args.max_results,
+            bulk_results=args.bulk_results,
             search_workers=args.workers,
             faiss_threads=args.faiss_threads,
         )
