@@ -126,14 +126,16 @@ class DataConfig:
     """Preference data: most tokens per sequence (prompt with its image tokens + response); responses are cut
     to fit, and a row whose prompt alone does not fit (its image tokens would be cut) is a bad row."""
     skip_bad_rows: bool = False
-    """Preference data: drop bad rows (missing image, empty response, prompt too long), logging the counts,
-    instead of failing on the first one with an error naming its row and column."""
+    """Drop bad rows (caption or preference data: non-UTF-8 or empty text, missing / unreadable / oversize image,
+    prompt too long), logging the counts, instead of failing on the first one with an error naming its file, row
+    and column. Caption images are then fully decoded before training, not only their headers."""
     max_image_pixels: int = 4096 * 4096
     """Largest image (width x height) read from data; larger ones are handled as `oversize_images` says. The
     default is well above any processor's largest input resolution and far below a decompression bomb."""
     oversize_images: Literal["error", "downscale"] = "error"
     """An image above `max_image_pixels`: `error` (a bad row, naming its row and column) or `downscale`
-    (resized, aspect kept, to fit `max_image_pixels`)."""
+    (resized, aspect kept, to fit `max_image_pixels`). Pillow's own limit (PIL.Image.MAX_IMAGE_PIXELS) still
+    refuses larger images as decompression bombs."""
 
     def __post_init__(self) -> None:
         if self.max_image_pixels < 1:

@@ -23,12 +23,12 @@ class DataBundle:
 
 def caption_data(recipe: Recipe, processor: Any) -> DataBundle:
     """(image, one reference caption) pairs for XE; validation = token NLL of the references."""
-    from rlalign.data.captions import CaptionPairs, load_split
+    from rlalign.data.captions import CaptionPairs, load_rows
     from rlalign.data.collate import SFTCollator
 
     return DataBundle(
-        train=CaptionPairs(load_split(recipe.data, "train"), recipe.data.prompt),
-        val=CaptionPairs(load_split(recipe.data, "val"), recipe.data.prompt),
+        train=CaptionPairs(load_rows(recipe.data, "train"), recipe.data.prompt),
+        val=CaptionPairs(load_rows(recipe.data, "val"), recipe.data.prompt),
         collate=SFTCollator(processor, recipe.data.max_response_tokens),
         val_metric="loss",
     )
@@ -36,12 +36,12 @@ def caption_data(recipe: Recipe, processor: Any) -> DataBundle:
 
 def image_data(recipe: Recipe, processor: Any) -> DataBundle:
     """One row per image (all references, ground truth) for the RL objectives; validation = reference NLL."""
-    from rlalign.data.captions import CaptionPairs, load_split
+    from rlalign.data.captions import CaptionPairs, load_rows
     from rlalign.data.images import ImageRows, PromptCollator
 
     return DataBundle(
-        train=ImageRows(load_split(recipe.data, "train"), recipe.data.prompt),
-        val=CaptionPairs(load_split(recipe.data, "val"), recipe.data.prompt),
+        train=ImageRows(load_rows(recipe.data, "train"), recipe.data.prompt),
+        val=CaptionPairs(load_rows(recipe.data, "val"), recipe.data.prompt),
         collate=PromptCollator(processor, recipe.data.max_response_tokens),
         val_metric="loss",
     )
@@ -54,8 +54,8 @@ def preference_data(recipe: Recipe, processor: Any) -> DataBundle:
 
     retrieved = recipe.objective.name == "rdpo"
     train, val = load_preferences(recipe.data, processor, retrieved=retrieved)
-    collate = PreferenceCollator(processor, recipe.data.max_response_tokens, recipe.data.max_length,
-                                 retrieved=retrieved)  # fmt: skip
+    d = recipe.data
+    collate = PreferenceCollator(processor, d.max_response_tokens, d.max_length, retrieved=retrieved)
     return DataBundle(train=train, val=val, collate=collate, val_metric="objective")
 
 

@@ -1,25 +1,42 @@
-"""Caption data as HF `datasets`: the shapes world or a local dataset, and the view XE trains on.
+"""Caption data as HF `datasets`: the shapes world or a local dataset, and the views XE and RL train on.
 
 A caption dataset has one row per image: `image`, `image_id`, `captions` (list of references) and,
-for the shapes world, `objects` (the ground truth). XE trains on (image, one caption) pairs; the
+for the shapes world, `objects` (the ground truth). Training reads it through `CaptionRows`: every row
+is checked up front (captions are UTF-8, non-empty text; the image's header reads, its size within
+`data.max_image_pixels`; with `skip_bad_rows` its pixels decode too), a bad row fails with an error naming
+the file, the row (counted from 0) and the column, or with `skip_bad_rows` is dropped and counted in the
+log. Images are decoded on access only (`CaptionRows.row`). XE trains on (image, one caption) pairs; the
 pair view indexes them without copying images.
+
+Why the pixels are decoded up front only under `skip_bad_rows`: decoding a large local dataset on every
+rank before the first step costs minutes, while a header catches missing, mistyped, foreign and oversize
+images. A row whose pixel data is corrupt behind a good header then fails when its batch is read, with
+the same one-line error; a run that asked to skip bad rows has them all found before the first step.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import datasets
 from datasets import Dataset, DatasetDict
+from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import Dataset as TorchDataset
 
+from rlalign.config import RecipeError
 from rlalign.config.schema import DataConfig
+from rlalign.data.images import BadRowError, CellError, ImageReader, bad_row, in_column
 from rlalign.data.shapes import ShapesConfig, make_item
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SPLITS = ("train", "val", "test")
+FILE_KINDS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json"}
 _OBJECT_FEATURES = datasets.Features(
     {
         "image": datasets.Image(),
@@ -54,76 +71,203 @@ def shapes_dataset(config: ShapesConfig, split: str, size: int) -> Dataset:
     return Dataset.from_dict(rows, features=_OBJECT_FEATURES)
 
 
-def _load_local(path: Path) -> DatasetDict:
+# -- reading files and rows (shared with preference data) -----------------------------------------
+def _first_bad_json_line(path: Path) -> str | None:
+    """Where a JSON-lines file stops being JSON: `row N: ...` (rows count non-blank lines from 0)."""
+    row = 0
+    with path.open("rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                json.loads(line.decode("utf-8", "surrogateescape"))
+            except json.JSONDecodeError as err:
+                return f"row {row}: not valid JSON ({err.msg} at column {err.colno})"
+            row += 1
+    return None
+
+
+def read_data_file(path: Path) -> Dataset:
+    """A .parquet / .arrow / .jsonl / .json file as a Dataset; a file that does not parse is a BadRowError
+    naming the file (and for JSON lines the row)."""
+    try:
+        return datasets.load_dataset(FILE_KINDS[path.suffix], data_files=str(path))["train"]
+    except DatasetGenerationError as err:
+        where = _first_bad_json_line(path) if path.suffix in (".jsonl", ".json") else None
+        cause = " ".join(str(err.__cause__ or err).split())
+        raise BadRowError(
+            f"{path}: {where or f'cannot read as {FILE_KINDS[path.suffix]} ({cause})'}"
+        ) from None
+
+
+def read_row(table: Dataset, i: int) -> dict:
+    """Row `i` as Python values; text that is not UTF-8 raises CellError naming its column."""
+    try:
+        return table[i]
+    except UnicodeDecodeError:
+        for col in table.column_names:
+            try:
+                table.select_columns([col])[i]
+            except UnicodeDecodeError as err:
+                detail = f"byte {err.object[err.start]:#04x} at offset {err.start}"
+                raise CellError("non-UTF-8 text", detail, column=col) from None
+        raise
+
+
+def scan_rows(
+    table: Dataset, check: Callable[[dict], T], *, where: str, first_row: int, skip: bool, what: str
+) -> tuple[list[T], list[int], int]:
+    """`check` on every row: (results, indexes of the rows kept, number skipped). A CellError is a bad row:
+    raised as a BadRowError naming the file, row and column, or with `skip` counted and logged by kind."""
+    results, kept, bad = [], [], {}
+    for i in range(len(table)):
+        try:
+            results.append(check(read_row(table, i)))
+            kept.append(i)
+        except CellError as err:
+            if not skip:
+                raise bad_row(where, first_row + i, err) from None
+            bad[err.kind] = bad.get(err.kind, 0) + 1
+    if bad:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items()))
+        log.warning("%s: skipped %d bad %s rows of %d: %s", where, sum(bad.values()), what, len(table), kinds)
+    return results, kept, sum(bad.values())
+
+
+# -- caption splits -------------------------------------------------------------------------------
+def _load_local(path: Path) -> tuple[DatasetDict, dict[str, str]]:
+    """The splits found at `path` and, for each, the file (or folder) it was read from."""
     if (path / "dataset_dict.json").is_file():
-        return datasets.load_from_disk(str(path))
-    loaders = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json"}
+        dd = datasets.load_from_disk(str(path))
+        return dd, {name: f"{path} split '{name}'" for name in dd}
     if path.is_file():
-        return DatasetDict(
-            {"train": datasets.load_dataset(loaders[path.suffix], data_files=str(path))["train"]}
-        )
-    found = {}
+        return DatasetDict({"train": read_data_file(path)}), {"train": str(path)}
+    found, where = {}, {}
     for split, names in {"train": ["train"], "val": ["val", "validation"], "test": ["test"]}.items():
         for name in names:
-            for suffix, kind in loaders.items():
+            for suffix in FILE_KINDS:
                 f = path / f"{name}{suffix}"
                 if f.is_file():
-                    found[split] = datasets.load_dataset(kind, data_files=str(f))["train"]
+                    found[split], where[split] = read_data_file(f), str(f)
     if not found:
         raise FileNotFoundError(
             f"{path}: no dataset found (expected save_to_disk output or train/val/test files)"
         )
-    return DatasetDict(found)
+    return DatasetDict(found), where
 
 
-def load_split(cfg: DataConfig, split: str) -> Dataset:
-    """One split (`train`, `val` or `test`) with columns `image`, `image_id`, `captions`."""
+def _split_table(cfg: DataConfig, split: str) -> tuple[Dataset, str, Path | None]:
+    """One split with columns `image` (as stored), `image_id`, `captions`; where it was read from; the
+    folder relative image paths resolve against."""
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}' (valid: {', '.join(SPLITS)})")
     if cfg.source == "shapes":
         size = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}[split]
-        return shapes_dataset(ShapesConfig(seed=cfg.seed, image_size=cfg.image_size), split, size)
+        shapes = ShapesConfig(seed=cfg.seed, image_size=cfg.image_size)
+        return shapes_dataset(shapes, split, size), f"shapes {split}", None
     path = Path(cfg.path).expanduser()
-    dd = _load_local(path)
+    dd, where = _load_local(path)
     name = "validation" if split == "val" and "validation" in dd else split
     if name not in dd:
-        raise KeyError(f"{path}: no '{split}' split (found: {', '.join(dd)})")
+        raise RecipeError(f"{path}: no '{split}' split (found: {', '.join(dd)})")
     ds = dd[name]
     for col in (cfg.image_column, cfg.captions_column):
         if col not in ds.column_names:
-            raise KeyError(
+            raise RecipeError(
                 f"{path}: split '{split}' has no column '{col}' (columns: {', '.join(ds.column_names)})"
             )
     if cfg.image_column != "image":
         ds = ds.rename_column(cfg.image_column, "image")
     if cfg.captions_column != "captions":
         ds = ds.rename_column(cfg.captions_column, "captions")
-    if not isinstance(ds.features["image"], datasets.Image):
-        ds = ds.cast_column("image", datasets.Image())
     if "image_id" not in ds.column_names:
         ds = ds.add_column("image_id", [f"{split}-{i:07d}" for i in range(len(ds))])
+    return ds, where.get(name, str(path)), path if path.is_dir() else path.parent
+
+
+def load_split(cfg: DataConfig, split: str) -> Dataset:
+    """One split (`train`, `val` or `test`) with columns `image` (decoded by `datasets`), `image_id`,
+    `captions`, unchecked: training reads splits through `load_rows` instead."""
+    ds, _, _ = _split_table(cfg, split)
+    if not isinstance(ds.features["image"], datasets.Image):
+        ds = ds.cast_column("image", datasets.Image())
     return ds
+
+
+def load_rows(cfg: DataConfig, split: str) -> CaptionRows:
+    """The checked rows of one split (see the module docstring)."""
+    ds, where, root = _split_table(cfg, split)
+    return CaptionRows(ds, cfg, where=where, root=root)
+
+
+def _captions(value: Any) -> list[str]:
+    caps = value if isinstance(value, list) else [value]
+    if not caps:
+        raise CellError("no captions")
+    if not all(isinstance(c, str) for c in caps):
+        raise CellError("not text", f"got {', '.join(sorted({type(c).__name__ for c in caps}))}")
+    if not all(c.strip() for c in caps):
+        raise CellError("empty text")
+    return caps
+
+
+class CaptionRows:
+    """The usable rows of a caption split: captions and ids in memory, images read from the table's cells
+    (bytes or paths) and decoded on each `row` call, never kept."""
+
+    def __init__(self, table: Dataset, cfg: DataConfig, *, where: str, root: Path | None):
+        if isinstance(table.features["image"], datasets.Image):
+            table = table.cast_column("image", datasets.Image(decode=False))
+        self.table, self.where = table, where
+        self.reader = ImageReader.from_config(cfg, root)
+        self.columns = {"image": cfg.image_column, "captions": cfg.captions_column}
+
+        def check(raw: dict) -> list[str]:
+            with in_column(self.columns["captions"]):
+                captions = _captions(raw["captions"])
+            with in_column(self.columns["image"]):
+                self.reader.check(raw["image"], decode=cfg.skip_bad_rows)
+            return captions
+
+        self.captions, self.kept, self.skipped = scan_rows(
+            table, check, where=where, first_row=0, skip=cfg.skip_bad_rows, what="caption"
+        )
+        if not self.kept:
+            raise BadRowError(f"{where}: no usable caption rows (all {len(table)} bad)")
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def row(self, k: int) -> dict:
+        """Row k with its image decoded: `image`, `image_id`, `captions` (a list), and any other column."""
+        i = self.kept[k]
+        row = self.table[i]
+        try:
+            with in_column(self.columns["image"]):
+                row["image"] = self.reader.read(row["image"])
+        except CellError as err:
+            raise bad_row(self.where, i, err) from None
+        row["captions"] = self.captions[k]
+        return row
 
 
 class CaptionPairs(TorchDataset):
     """(image, one reference caption) pairs: pair k is caption k % C of image k // C."""
 
-    def __init__(self, images: Dataset, prompt: str = ""):
-        self.images = images
+    def __init__(self, rows: CaptionRows, prompt: str = ""):
+        self.rows = rows
         self.prompt = prompt
-        counts = [len(c) if isinstance(c, list) else 1 for c in images["captions"]]
-        self.index = [(i, j) for i, n in enumerate(counts) for j in range(n)]
+        self.index = [(i, j) for i, caps in enumerate(rows.captions) for j in range(len(caps))]
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, k: int) -> dict:
         i, j = self.index[k]
-        row = self.images[i]
-        caps = row["captions"] if isinstance(row["captions"], list) else [row["captions"]]
+        row = self.rows.row(i)
         return {
             "image": row["image"],
             "image_id": row["image_id"],
             "prompt": self.prompt,
-            "response": caps[j],
+            "response": row["captions"][j],
         }

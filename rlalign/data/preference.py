@@ -6,9 +6,11 @@ and, for rDPO, `retrieved_images`; images are PIL, bytes, `{"bytes", "path"}` or
 (relative ones resolve against the dataset's folder). It is read from a save_to_disk folder, a
 .parquet/.arrow/.jsonl file or a folder of train/val files, or generated from the shapes world.
 
-Every row is checked before training (image readable, chosen / rejected not empty, prompt with its
-image tokens fitting `max_length`); a bad row raises an error naming its row and column, or with
-`skip_bad_rows` is dropped and counted in the log.
+Every row is checked before training (text UTF-8, chosen / rejected not empty, images readable to the
+last pixel and within `max_image_pixels`, prompt with its image tokens fitting `max_length`); a bad row
+raises a `BadRowError` naming the file, the row (counted from 0) and the column, or with `skip_bad_rows`
+is dropped and counted in the log. The dataset keeps text and image hashes; images are decoded from the
+table's cells on each access (see `rlalign.data.images`).
 
 Packing (`PreferenceCollator`): one row holds [prompt with image | chosen | rejected]; chosen and
 rejected both attend to the prompt but not to each other (a 4D mask) and both start at the same
@@ -20,89 +22,50 @@ ZeRO-2/3 and FSDP2 hooks intact. rDPO adds one row [prompt with retrieved image 
 from __future__ import annotations
 
 import hashlib
-import io
-import logging
 import random
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
-from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
 from rlalign.config.schema import DataConfig
+from rlalign.data.captions import FILE_KINDS, read_data_file, scan_rows
 from rlalign.data.collate import encode_prompts
+from rlalign.data.images import BadRowError, CellError, ImageReader, bad_row, in_column
 from rlalign.data.shapes import COLORS, SHAPE_WORDS, ShapesConfig, make_item
 
-log = logging.getLogger(__name__)
+__all__ = ["BadRowError", "PreferenceCollator", "PreferencePairs", "load_preferences", "shapes_preferences"]
 
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 PAD_SEGMENT, PROMPT, FIRST, SECOND = -1, 0, 1, 2
 
 
-class BadRowError(ValueError):
-    """A preference row that cannot train; the message names the row and the column."""
-
-
-# -- images ---------------------------------------------------------------------------------------
-def _one(value: Any) -> Any:
-    return value[0] if isinstance(value, list | tuple) and len(value) == 1 else value
-
-
-def image_bytes(value: Any, root: Path | None) -> bytes:
-    """Raw bytes of an image cell (for hashing and decoding); raises FileNotFoundError / ValueError."""
-    value = _one(value)
-    if isinstance(value, Image.Image):
-        buf = io.BytesIO()
-        value.save(buf, format="PNG")
-        return buf.getvalue()
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return value["bytes"]
-        value = value.get("path")
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str) and value:
-        path = Path(value).expanduser()
-        if not path.is_absolute() and root is not None:
-            path = root / path
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path}")
-        return path.read_bytes()
-    raise ValueError(f"not an image (expected PIL, bytes or a path, got {type(value).__name__})")
-
-
-def decode(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
 # -- loading and validation -----------------------------------------------------------------------
-def _load_table(path: Path) -> datasets.DatasetDict:
+def _load_table(path: Path) -> tuple[datasets.DatasetDict, dict[str, str]]:
+    """The splits at `path` and, for each, the file (or folder) it was read from."""
     if (path / "dataset_dict.json").is_file():
-        return datasets.load_from_disk(str(path))
+        dd = datasets.load_from_disk(str(path))
+        return dd, {name: f"{path} split '{name}'" for name in dd}
     if (path / "dataset_info.json").is_file():
-        return datasets.DatasetDict({"train": datasets.load_from_disk(str(path))})
-    kinds = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json"}
+        return datasets.DatasetDict({"train": datasets.load_from_disk(str(path))}), {"train": str(path)}
     if path.is_file():
-        return datasets.DatasetDict(
-            {"train": datasets.load_dataset(kinds[path.suffix], data_files=str(path))["train"]}
-        )
-    found = {}
+        return datasets.DatasetDict({"train": read_data_file(path)}), {"train": str(path)}
+    found, where = {}, {}
     for split, names in {"train": ["train"], "val": ["val", "validation"]}.items():
         for name in names:
-            for suffix, kind in kinds.items():
+            for suffix in FILE_KINDS:
                 if (path / f"{name}{suffix}").is_file() and split not in found:
-                    found[split] = datasets.load_dataset(kind, data_files=str(path / f"{name}{suffix}"))[
-                        "train"
-                    ]
+                    found[split] = read_data_file(path / f"{name}{suffix}")
+                    where[split] = str(path / f"{name}{suffix}")
     if not found:
         raise FileNotFoundError(f"{path}: no preference data found (save_to_disk folder or train/val files)")
-    return datasets.DatasetDict(found)
+    return datasets.DatasetDict(found), where
 
 
 def _raw_images(table: datasets.Dataset, col: str) -> datasets.Dataset:
-    """Image features read as raw {bytes, path} (hashed as stored, decoded once here)."""
+    """Image features read as raw {bytes, path}: hashed as stored, decoded on each access."""
     feature = table.features[col]
     inner = getattr(feature, "feature", feature[0] if isinstance(feature, list) else None)
     if isinstance(feature, datasets.Image):
@@ -139,19 +102,35 @@ def shapes_preferences(cfg: ShapesConfig, split: str, size: int, prompt: str = "
         rows["chosen"].append(chosen)
         rows["rejected"].append(swap_word(chosen, rng))
         rows["retrieved_images"].append([items[(i + 1) % size].image])
-    features = datasets.Features({"images": [datasets.Image()], "prompt": datasets.Value("string"),
-                                  "chosen": datasets.Value("string"), "rejected": datasets.Value("string"),
-                                  "retrieved_images": [datasets.Image()]})  # fmt: skip
+    features = datasets.Features(
+        {
+            "images": [datasets.Image()],
+            "prompt": datasets.Value("string"),
+            "chosen": datasets.Value("string"),
+            "rejected": datasets.Value("string"),
+            "retrieved_images": [datasets.Image()],
+        }
+    )
     return datasets.Dataset.from_dict(rows, features=features)
 
 
 class PreferencePairs(TorchDataset):
-    """Validated preference rows: each item has `image`, `prompt`, `chosen`, `rejected`, `key`
-    (and `retrieved_image`), images decoded and hashed once."""
+    """Checked preference rows; each item has `image`, `prompt`, `chosen`, `rejected`, `image_hash` (and
+    `retrieved_image`, `retrieved_image_hash`). `rows` keeps the text, the raw-image hashes and the row
+    number in the file (`row`, from 0; `first_row` is the file row of table row 0); images are decoded from
+    the table's cells on each access, never kept."""
 
-    def __init__(self, table: datasets.Dataset, processor: Any, cfg: DataConfig, *, retrieved: bool,
-                 root: Path | None = None, name: str = "train"):  # fmt: skip
-        self.rows: list[dict] = []
+    def __init__(
+        self,
+        table: datasets.Dataset,
+        processor: Any,
+        cfg: DataConfig,
+        *,
+        retrieved: bool,
+        root: Path | None = None,
+        name: str = "train",
+        first_row: int = 0,
+    ):
         cols = {"images": cfg.images_column, "prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
         if retrieved:
             cols["retrieved_image"] = cfg.retrieved_images_column
@@ -160,87 +139,94 @@ class PreferencePairs(TorchDataset):
             raise BadRowError(
                 f"{name}: preference data has no column {missing} (columns: {table.column_names})"
             )
-        for field in ("images", "retrieved_image"):
-            if field in cols:
-                table = _raw_images(table, cols[field])
-        bad: dict[str, int] = {}
-        for i in range(len(table)):
-            raw = table[i]
-            try:
-                self.rows.append(self._check(raw, i, cols, processor, cfg, root, name))
-            except BadRowError as err:
-                if not cfg.skip_bad_rows:
-                    raise
-                kind = str(err).split(": ", 2)[-1].split(" (")[0]
-                bad[kind] = bad.get(kind, 0) + 1
-        if bad:
-            log.warning("%s: skipped %d bad preference rows of %d: %s", name, sum(bad.values()), len(table),
-                        ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())))  # fmt: skip
-        self.skipped = sum(bad.values())
-        if not self.rows:
-            raise BadRowError(f"{name}: no usable preference rows")
+        self.image_columns = {("image" if f == "images" else f): c for f, c in cols.items() if "image" in f}
+        for col in self.image_columns.values():
+            table = _raw_images(table, col)
+        self.images = table.select_columns(list(self.image_columns.values()))
+        self.reader = ImageReader.from_config(cfg, root)
+        self.name = name
 
-    @staticmethod
-    def _check(
-        raw: dict, i: int, cols: dict, processor: Any, cfg: DataConfig, root: Path | None, name: str
-    ) -> dict:
+        def check(raw: dict) -> dict:
+            return self._check(raw, cols, processor, cfg)
+
+        checked, kept, self.skipped = scan_rows(
+            table, check, where=name, first_row=first_row, skip=cfg.skip_bad_rows, what="preference"
+        )
+        self.rows = [{**row, "row": first_row + i, "index": i} for row, i in zip(checked, kept)]
+        if not self.rows:
+            raise BadRowError(f"{name}: no usable preference rows (all {len(table)} bad)")
+
+    def _check(self, raw: dict, cols: dict, processor: Any, cfg: DataConfig) -> dict:
+        """The row's text and raw-image hashes; its images decoded for the checks only."""
         row: dict[str, Any] = {}
-        for field, col in cols.items():
-            value = raw[col]
-            if field in ("images", "retrieved_image"):
-                try:
-                    data = image_bytes(value, root)
-                    image = decode(data)
-                except FileNotFoundError as err:
-                    raise BadRowError(f"{name} row {i}, column '{col}': missing image file ({err})") from None
-                except Exception as err:  # noqa: BLE001 - any decoding failure is a bad row
-                    raise BadRowError(f"{name} row {i}, column '{col}': unreadable image ({err})") from None
-                key = "image" if field == "images" else field
-                row[key], row[f"{key}_hash"] = image, hashlib.sha1(data).hexdigest()
-            elif not isinstance(value, str) or (field != "prompt" and not value.strip()):
-                raise BadRowError(f"{name} row {i}, column '{col}': empty text")
-            else:
+        for field in TEXT_COLUMNS:
+            with in_column(cols[field]):
+                value = raw[cols[field]]
+                if not isinstance(value, str):
+                    raise CellError("not text", f"got {type(value).__name__}")
+                if field != "prompt" and not value.strip():
+                    raise CellError("empty text")
                 row[field] = value
+        decoded = {}
+        for key, col in self.image_columns.items():
+            with in_column(col):
+                source = self.reader.source(raw[col])
+                row[f"{key}_hash"] = hashlib.sha1(self.reader.data(source)).hexdigest()
+                decoded[key] = self.reader.decode(source)
         if cfg.max_length is not None:
-            n = int(encode_prompts(processor, [row["image"]], [row["prompt"]])["attention_mask"].sum())
+            n = int(encode_prompts(processor, [decoded["image"]], [row["prompt"]])["attention_mask"].sum())
             if n >= cfg.max_length:
-                raise BadRowError(f"{name} row {i}, column 'prompt': image tokens would be truncated "
-                                  f"(prompt with image tokens is {n} tokens, max_length {cfg.max_length})")  # fmt: skip
+                detail = f"prompt with image tokens is {n} tokens, max_length {cfg.max_length}"
+                raise CellError("image tokens would be truncated", detail, column="prompt")
         return row
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, k: int) -> dict:
-        return self.rows[k]
+        row = self.rows[k]
+        cells = self.images[row["index"]]
+        item = dict(row)
+        for key, col in self.image_columns.items():
+            try:
+                with in_column(col):
+                    item[key] = self.reader.read(cells[col])
+            except CellError as err:
+                raise bad_row(self.name, row["row"], err) from None
+        return item
 
 
 def load_preferences(
     cfg: DataConfig, processor: Any, *, retrieved: bool
 ) -> tuple[PreferencePairs, PreferencePairs]:
     """Train and validation pairs; without a val split the last 5% (at least one row) is held out."""
+    first_val_row = 0
     if cfg.pairs_path is None:
         shapes = ShapesConfig(seed=cfg.seed, image_size=cfg.image_size)
         train = shapes_preferences(shapes, "train", cfg.train_size, cfg.prompt)
         val = shapes_preferences(shapes, "val", cfg.val_size, cfg.prompt)
-        root = None
+        root, where = None, {"train": "shapes train", "val": "shapes val"}
     else:
         path = Path(cfg.pairs_path).expanduser()
-        dd = _load_table(path)
+        dd, where = _load_table(path)
         root = path if path.is_dir() else path.parent
         train = dd["train"]
         if "val" in dd or "validation" in dd:
             val = dd["val" if "val" in dd else "validation"]
+            where["val"] = where.get("val", where.get("validation", str(path)))
         else:
+            where["val"] = where["train"]
             n_val = max(1, len(train) // 20) if len(train) > 1 else 0
-            train, val = (
-                train.select(range(len(train) - n_val)),
-                train.select(range(len(train) - n_val, len(train))),
-            )
+            first_val_row = len(train) - n_val
+            train, val = train.select(range(first_val_row)), train.select(range(first_val_row, len(train)))
             if n_val == 0:
-                val = train
-    return (PreferencePairs(train, processor, cfg, retrieved=retrieved, root=root, name="train"),
-            PreferencePairs(val, processor, cfg, retrieved=retrieved, root=root, name="val"))  # fmt: skip
+                val, first_val_row = train, 0
+    return (
+        PreferencePairs(train, processor, cfg, retrieved=retrieved, root=root, name=where["train"]),
+        PreferencePairs(
+            val, processor, cfg, retrieved=retrieved, root=root, name=where["val"], first_row=first_val_row
+        ),
+    )
 
 
 # -- collation ------------------------------------------------------------------------------------
@@ -280,9 +266,16 @@ class PreferenceCollator:
                     h.update(pairs[i]["retrieved_image_hash"].encode())
                 keys.append(h.hexdigest())
         width = max(len(p) + len(c) + len(r) for p, c, r in rows)
-        out = {name: torch.full((len(rows), width), fill, dtype=torch.long)
-               for name, fill in (("input_ids", self.tok.pad_token_id), ("attention_mask", 0), ("position_ids", 0),
-                                  ("segment_ids", PAD_SEGMENT), ("pred_pos", 0))}  # fmt: skip
+        out = {
+            name: torch.full((len(rows), width), fill, dtype=torch.long)
+            for name, fill in (
+                ("input_ids", self.tok.pad_token_id),
+                ("attention_mask", 0),
+                ("position_ids", 0),
+                ("segment_ids", PAD_SEGMENT),
+                ("pred_pos", 0),
+            )
+        }
         for n, (p, c, r) in enumerate(rows):
             P, C, R = len(p), len(c), len(r)
             out["input_ids"][n, : P + C + R] = torch.tensor(p + c + r)
