@@ -156,13 +156,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rlalign.evaluate import evaluate_captioner
+    from rlalign.evaluation.runner import main_eval
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    result = evaluate_captioner(args.model, recipe.data, split=args.split, limit=args.limit)
-    for key, value in result.metrics.items():
-        print(f"{key:28} {value:.4f}")
-    return 0
+    return main_eval(args.rest)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -254,12 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     la.add_argument("rest", nargs=argparse.REMAINDER)
     la.set_defaults(func=cmd_launch)
-    e = sub.add_parser("eval", help="caption metrics of a saved model on a split")
-    e.add_argument("recipe")
-    e.add_argument("--model", required=True, help="folder written by train (run/final)")
-    e.add_argument("--split", default="test")
-    e.add_argument("--limit", type=int, default=None)
-    e.add_argument("overrides", nargs="*")
+    e = sub.add_parser(
+        "eval",
+        help="pope | chair | captions benchmarks of a model (`rlalign eval pope --help`)",
+        add_help=False,
+        prefix_chars="+",
+    )
+    e.add_argument("rest", nargs=argparse.REMAINDER)
     e.set_defaults(func=cmd_eval)
     d = sub.add_parser("demo", help="the whole chain on the shapes world, on a CPU, with a report")
     d.add_argument("--out", default="reports/demo")
