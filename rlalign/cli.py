@@ -286,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pbb.add_argument("recipe")
     pbb.add_argument("overrides", nargs="*", help="a.b.c=value")
-    pbb.add_argument("--overwrite", action="store_true", help="start over when the settings changed")
+    pbb.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: delete this folder's index, shards and dataset first",
+    )
     pbb.set_defaults(func=cmd_pairs_build)
     b = sub.add_parser("bench", help="ours against a peer in the same run; ends with one JSON line")
     b.add_argument("name")

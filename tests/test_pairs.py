@@ -1,19 +1,14 @@
-"""RE-ALIGN pair builder: masking, constrained refill, tf-idf similarity, and `rlalign pairs build`
-killed mid-run (SIGKILL) then restarted giving the same dataset as an uninterrupted run."""
+"""RE-ALIGN pair builder: masking, constrained refill, tf-idf similarity, the pair report, and
+`rlalign pairs build` on two processes. Restarts and faults: tests/test_pairs_faults.py."""
 
 from __future__ import annotations
-
-import json
-import signal
-import subprocess
-import time
 
 import datasets
 import pytest
 import torch
-from conftest import BIN, ROOT, TINY, free_port, make_env, rlalign, run
+from conftest import BIN, TINY, free_port, rlalign, run
+from PIL import Image
 
-from rlalign.config import load_recipe
 from rlalign.config.schema import ModelConfig, TinyModelConfig
 from rlalign.data.shapes import ShapesConfig, make_item
 from rlalign.models.builder import load_base
@@ -21,7 +16,6 @@ from rlalign.retrieval.pair_report import pair_stats, render_pairs
 from rlalign.retrieval.pairs import (
     Slot,
     TfidfSentences,
-    build_pairs,
     mask_template,
     refill,
     shapes_vocabulary,
@@ -80,8 +74,15 @@ def test_refill_keeps_literals_and_uses_allowed_words():
 
 
 def _args(out, cache):
-    return [TINY, "trainer.output_dir=unused", f"pairs.output_dir={out}", "pairs.pool_size=32", "pairs.shard_size=4",
-            "pairs.top_k=3", f"pairs.embedder.cache_dir={cache}"]  # fmt: skip
+    return [
+        TINY,
+        "trainer.output_dir=unused",
+        f"pairs.output_dir={out}",
+        "pairs.pool_size=32",
+        "pairs.shard_size=4",
+        "pairs.top_k=3",
+        f"pairs.embedder.cache_dir={cache}",
+    ]
 
 
 def _rows(path):
@@ -89,64 +90,87 @@ def _rows(path):
     return len(ds), ds.remove_columns(["images", "retrieved_images"]).to_list(), ds
 
 
-@pytest.mark.e2e
-def test_killed_and_restarted_equals_uninterrupted(tmp_path):
-    env = make_env()
-    cache = tmp_path / "cache"
-    full = tmp_path / "full"
-    rlalign("pairs", "build", *_args(full, cache), env=env)
-    n_full, rows_full, ds_full = _rows(full / "pairs.parquet")
-    assert n_full >= 24 and json.loads((full / "stats.json").read_text())["pairs"] == n_full
+def _hand_pairs() -> datasets.Dataset:
+    """Four pairs whose figures are counted by hand in `test_pair_stats_exact_on_hand_counted_pairs`."""
 
-    part = tmp_path / "part"
-    proc = subprocess.Popen([str(BIN / "rlalign"), "pairs", "build", *_args(part, cache)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while len(list((part / "shards").glob("shard-*.parquet"))) < 2 and time.time() < deadline:
-        assert proc.poll() is None, "pairs build ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = sorted((part / "shards").glob("shard-*.parquet"))
-    assert 2 <= len(done) < 8 and not (part / "pairs.parquet").exists()
-    for f in done:  # every shard file on disk is whole: it reads back with the rows of the full run's shard
-        assert len(datasets.Dataset.from_parquet(str(f))) == len(
-            datasets.Dataset.from_parquet(str(full / "shards" / f.name))
-        )
+    def obj(color, shape, position):
+        return {"shape": shape, "color": color, "position": position, "box": [0, 0, 1, 1]}
 
-    rlalign("pairs", "build", *_args(part, cache), env=env)
-    n_part, rows_part, ds_part = _rows(part / "pairs.parquet")
-    assert n_part == n_full and rows_part == rows_full
-    assert [im.tobytes() for im in ds_part[0]["images"] + ds_part[0]["retrieved_images"]] == [
-        im.tobytes() for im in ds_full[0]["images"] + ds_full[0]["retrieved_images"]]  # fmt: skip
-    assert not list((part / "shards").glob(".*tmp*"))
-    assert json.loads((part / "stats.json").read_text())["embedded_this_run"] == 0  # cache from the first run
-
-    stats = pair_stats(ds_full)
-    assert stats["pairs"] == n_full and 0.0 <= stats["rejected_hallucinates"] <= 1.0
-    png = render_pairs(ds_full, tmp_path / "pairs.png", n=3)
-    assert png.stat().st_size > 1000
-
-
-def test_resume_in_process_redoes_only_missing_shards(tmp_path):
-    """Fast tier: a run whose last shards are missing (and a stale temp file left behind) is completed
-    by a rerun that redoes only those shards and ends with the same dataset."""
-    torch.set_num_threads(1)
-    recipe = load_recipe(
-        ROOT / TINY, _args(tmp_path / "run", tmp_path / "cache")[1:] + ["pairs.pool_size=16"]
+    return datasets.Dataset.from_list(
+        [
+            {
+                "chosen": "a red circle in the top left",
+                "rejected": "a blue circle in the top left",
+                "objects": [obj("red", "circle", "top left")],
+                "similarity": 0.5,
+                "text_similarity": 0.5,
+                "tries": 1,
+            },
+            {
+                "chosen": "a green square in the center and a red triangle on the right",
+                "rejected": "a red square in the center and a green triangle on the right",
+                "objects": [obj("green", "square", "center"), obj("red", "triangle", "right")],
+                "similarity": 0.75,
+                "text_similarity": 0.25,
+                "tries": 2,
+            },
+            {
+                "chosen": "a yellow diamond at the bottom",
+                "rejected": "a yellow diamond at the top",
+                "objects": [obj("yellow", "diamond", "bottom")],
+                "similarity": 0.25,
+                "text_similarity": 0.5,
+                "tries": 1,
+            },
+            {
+                "chosen": "a purple disc on the left",
+                "rejected": "a purple disc at the left",
+                "objects": [obj("purple", "circle", "left")],
+                "similarity": 1.0,
+                "text_similarity": 0.75,
+                "tries": 3,
+            },
+        ]
     )
-    path = build_pairs(recipe)
-    n, rows, _ = _rows(path)
-    shards = tmp_path / "run" / "shards"
-    kept = {f.name: f.stat().st_mtime_ns for f in sorted(shards.glob("shard-*.parquet"))[:2]}
-    for f in sorted(shards.glob("shard-*.parquet"))[2:]:
-        f.unlink()
-    (shards / ".shard-00003.tmp-999.parquet").write_bytes(b"half")
-    path.unlink()
-    assert build_pairs(recipe) == path
-    assert _rows(path)[:2] == (n, rows)
-    assert {f: (shards / f).stat().st_mtime_ns for f in kept} == kept  # finished shards were not redone
-    assert len(list(shards.glob("shard-*.parquet"))) == 4 and not list(shards.glob(".*"))
+
+
+def test_pair_stats_exact_on_hand_counted_pairs():
+    """Rejected answers, by hand: row 0 names a colour not in the image (blue); row 1 only misplaces its
+    words (red square, green triangle: every word is in the image, no pair is); row 2 puts the diamond at
+    the top, not the bottom; row 3 says the same as the chosen. Mentions: 2 + 4 + 2 + 2 = 10 words, of
+    which 1 (blue) is absent. Every chosen answer is right."""
+    stats = pair_stats(_hand_pairs())
+    assert stats == {
+        "pairs": 4,
+        "rejected_wrong_object": 3 / 4,
+        "chosen_wrong_object": 0.0,
+        "rejected_hallucinates": 1 / 4,
+        "chosen_hallucinates": 0.0,
+        "rejected_hallucination_rate": 1 / 10,
+        "chosen_hallucination_rate": 0.0,
+        "mean_image_similarity": (0.5 + 0.75 + 0.25 + 1.0) / 4,
+        "mean_text_similarity": (0.5 + 0.25 + 0.5 + 0.75) / 4,
+        "mean_tries": (1 + 2 + 1 + 3) / 4,
+    }
+
+
+def test_render_pairs_draws_one_row_per_pair(tmp_path):
+    """A row of 2.2 in per pair, 11 in wide, at 110 dpi: 1210 x (242 n) pixels."""
+    image = Image.new("RGB", (8, 8), "white")
+    rows = [
+        {
+            **row,
+            "images": [image],
+            "retrieved_images": [image],
+            "image_id": f"a{k}",
+            "retrieved_id": f"b{k}",
+            "mask": "a [color] [shape]",
+        }
+        for k, row in enumerate(_hand_pairs().to_list())
+    ]
+    for n in (1, 3):
+        with Image.open(render_pairs(rows, tmp_path / f"pairs-{n}.png", n=n)) as png:
+            assert png.size == (1210, 242 * n)
 
 
 @pytest.mark.distributed
@@ -155,9 +179,21 @@ def test_two_processes_build_the_same_pairs(tmp_path):
     dataset equals the single-process one."""
     cache = tmp_path / "cache"
     rlalign("pairs", "build", *_args(tmp_path / "one", cache))
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", "launch/ddp-8gpu.yaml", "--num_processes", "2",
-           "--main_process_port", str(free_port()), "-m", "rlalign.cli", "pairs", "build",
-           *_args(tmp_path / "two", cache)]  # fmt: skip
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        "launch/ddp-8gpu.yaml",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "rlalign.cli",
+        "pairs",
+        "build",
+        *_args(tmp_path / "two", cache),
+    ]
     run(cmd)
     n_one, rows_one, _ = _rows(tmp_path / "one" / "pairs.parquet")
     n_two, rows_two, _ = _rows(tmp_path / "two" / "pairs.parquet")

@@ -75,8 +75,12 @@ def render_pairs(dataset: Any, path: str | Path, n: int = 4) -> Path:
     )
     for k in range(n):
         row = dataset[k]
-        for ax, image, title in ((axes[k, 0], row["images"][0], row["image_id"]),
-                                 (axes[k, 1], row["retrieved_images"][0], f"{row['retrieved_id']} ({row['similarity']:.3f})")):  # fmt: skip
+        retrieved_title = f"{row['retrieved_id']} ({row['similarity']:.3f})"
+        panels = (
+            (axes[k, 0], row["images"][0], row["image_id"]),
+            (axes[k, 1], row["retrieved_images"][0], retrieved_title),
+        )
+        for ax, image, title in panels:
             ax.imshow(image)
             ax.set_title(title, fontsize=7)
             ax.axis("off")

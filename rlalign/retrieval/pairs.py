@@ -21,9 +21,13 @@ Sentence embeddings default to tf-idf over 1..n-grams of lowercased words, with 
 on every rank.
 
 Sharding and resumption: the pool is cut into shards of `shard_size` images; process r of W takes
-shards r, r + W, ... (`accelerate launch` sets W); each shard is written to a temp file and renamed,
-so a shard file is either complete or absent, and a restart skips finished shards. The dataset is
-all shards concatenated in shard order, whatever the number of processes.
+shards r, r + W, ... (`accelerate launch` sets W). Before the first shard, `manifest.json` records
+everything the rows depend on (`pair_manifest`); a restart whose manifest differs is refused naming
+the first difference, and `overwrite` (`--overwrite`) starts over. Each shard file is written to a
+temp name and renamed, then its record (rows, bytes, sha256); a shard counts as done only while its
+file matches its record, checked before resuming and again before assembly, and a damaged one is
+rebuilt, logged by name (`rlalign.retrieval.pair_store`). The dataset is all shards concatenated in
+shard order, whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,26 +50,51 @@ from datasets import Dataset
 from rlalign.data.collate import TOKEN_ALIGNED, encode_prompts
 from rlalign.data.shapes import COLORS, POSITION_PHRASES, SHAPE_WORDS
 from rlalign.retrieval.config import PairsConfig
+from rlalign.retrieval.index import _atomic_write
+from rlalign.retrieval.pair_store import (
+    DATASET_FILE,
+    INDEX_DIR,
+    MANIFEST_VERSION,
+    MISSING,
+    SHARDS_DIR,
+    STATS_FILE,
+    claim_output,
+    manifest_digest,
+    model_fingerprint,
+    pool_fingerprint,
+    shard_paths,
+    shard_problem,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 
-INDEX_DIR = "index"
-SHARDS_DIR = "shards"
-DATASET_FILE = "pairs.parquet"
-STATS_FILE = "stats.json"
 _IMAGES = [datasets.Image()]
-_OBJECTS = [{"shape": datasets.Value("string"), "color": datasets.Value("string"),
-             "position": datasets.Value("string"), "box": datasets.Sequence(datasets.Value("int32"), length=4)}]  # fmt: skip
+_OBJECTS = [
+    {
+        "shape": datasets.Value("string"),
+        "color": datasets.Value("string"),
+        "position": datasets.Value("string"),
+        "box": datasets.Sequence(datasets.Value("int32"), length=4),
+    }
+]
 
 
 def pair_features(with_objects: bool) -> datasets.Features:
     feats = {
-        "images": _IMAGES, "prompt": datasets.Value("string"), "chosen": datasets.Value("string"),
-        "rejected": datasets.Value("string"), "retrieved_images": _IMAGES, "image_id": datasets.Value("string"),
-        "retrieved_id": datasets.Value("string"), "retrieved_ids": [datasets.Value("string")],
-        "similarity": datasets.Value("float32"), "text_similarity": datasets.Value("float32"),
-        "mask": datasets.Value("string"), "tries": datasets.Value("int32"),
-    }  # fmt: skip
+        "images": _IMAGES,
+        "prompt": datasets.Value("string"),
+        "chosen": datasets.Value("string"),
+        "rejected": datasets.Value("string"),
+        "retrieved_images": _IMAGES,
+        "image_id": datasets.Value("string"),
+        "retrieved_id": datasets.Value("string"),
+        "retrieved_ids": [datasets.Value("string")],
+        "similarity": datasets.Value("float32"),
+        "text_similarity": datasets.Value("float32"),
+        "mask": datasets.Value("string"),
+        "tries": datasets.Value("int32"),
+    }
     if with_objects:
         feats["objects"] = _OBJECTS
     return datasets.Features(feats)
@@ -139,8 +168,9 @@ def template_string(template: list[str | Slot]) -> str:
 
 
 @torch.no_grad()
-def response_logprobs(model: torch.nn.Module, processor: Any, images: list, prompt: str,
-                      texts: list[str], groups: list[int]) -> torch.Tensor:  # fmt: skip
+def response_logprobs(
+    model: torch.nn.Module, processor: Any, images: list, prompt: str, texts: list[str], groups: list[int]
+) -> torch.Tensor:
     """Sum of token log-probs of each `texts[i]` as the response to (images[groups[i]], prompt): [len(texts)].
 
     Each distinct image is processed once; sequences are [left-padded prompt | response | right padding].
@@ -179,8 +209,14 @@ def response_logprobs(model: torch.nn.Module, processor: Any, images: list, prom
     return (logp_BT * mask[:, p:].to(model.device)).sum(dim=1).cpu()
 
 
-def refill(model: torch.nn.Module, processor: Any, images: list, prompt: str, templates: list[list[str | Slot]],
-           vocab: dict[str, list[str]]) -> list[str]:  # fmt: skip
+def refill(
+    model: torch.nn.Module,
+    processor: Any,
+    images: list,
+    prompt: str,
+    templates: list[list[str | Slot]],
+    vocab: dict[str, list[str]],
+) -> list[str]:
     """Constrained greedy refill of each template's slots, conditioned on its image (see module doc).
 
     All templates advance one slot per forward pass: every candidate of every unfinished template is
@@ -254,12 +290,159 @@ class HFSentences:
         return float(emb[0] @ emb[1])
 
 
+# ------------------------------------------------------------------------------------ the manifest
+
+
+def pair_manifest(recipe: Any, pool: Dataset, embedder: Any, model: torch.nn.Module, processor: Any) -> dict:
+    """Everything the rows depend on: the settings by recipe key (in the order a difference is reported),
+    then fingerprints of the pool, the refilling policy and the image embedder. No seed enters: the build
+    draws no random numbers (greedy refill, deterministic index), and the shapes seed is `data.seed`."""
+    cfg, data = recipe.pairs, recipe.data
+    settings: dict[str, Any] = {
+        "pairs.shard_size": cfg.shard_size,
+        "pairs.top_k": cfg.top_k,
+        "pairs.similarity_threshold": cfg.similarity_threshold,
+        "pairs.chosen": cfg.chosen,
+        "pairs.vocabulary": cfg.vocabulary,
+        "pairs.sentence_encoder": cfg.sentence_encoder,
+        "pairs.embedder.encoder": cfg.embedder.encoder,
+        "pairs.embedder.pooling": cfg.embedder.pooling,
+        "pairs.split": cfg.split,
+        "pairs.pool_size": cfg.pool_size,
+        "model.name_or_path": recipe.model.name_or_path,
+        "data.source": data.source,
+        "data.prompt": data.prompt,
+    }
+    if cfg.vocabulary == "custom":
+        settings["pairs.custom_words"] = vocabulary(cfg)
+    if cfg.sentence_encoder == "tfidf":
+        settings["pairs.tfidf_ngrams"] = cfg.tfidf_ngrams
+    if cfg.chosen == "greedy":
+        settings["data.max_response_tokens"] = data.max_response_tokens
+    if data.source == "shapes":
+        size_key = f"{cfg.split}_size"
+        settings.update(
+            {
+                "data.seed": data.seed,
+                "data.image_size": data.image_size,
+                f"data.{size_key}": getattr(data, size_key),
+            }
+        )
+    if cfg.service_url:
+        settings["pairs.service_index"] = cfg.service_index
+    else:
+        settings.update({f"pairs.index.{k}": v for k, v in asdict(cfg.index).items()})
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "settings": settings,
+        "fingerprints": {
+            "pool": pool_fingerprint(pool),
+            "policy": model_fingerprint(model, processor),
+            "embedder": embedder.fingerprint,
+        },
+    }
+    return json.loads(json.dumps(manifest))  # as it reads back from disk
+
+
+# ------------------------------------------------------------------------------------------ shards
+
+
+@dataclass(frozen=True)
+class _Build:
+    """What writing a shard needs, fixed for the whole run."""
+
+    recipe: Any
+    pool: Dataset
+    refs: list[list[str]]
+    ids: list[str]
+    embedder: Any
+    search: Callable[[np.ndarray, int, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    model: torch.nn.Module
+    processor: Any
+    sentences: Any
+    vocab: dict[str, list[str]]
+    features: datasets.Features
+    shard_dir: Path
+    digest: str
+
+    @property
+    def cfg(self) -> PairsConfig:
+        return self.recipe.pairs
+
+
+def _shard_rows(rows: list[int], chosen: list[str], b: _Build) -> dict[str, list]:
+    """The pairs of one shard (pool positions `rows`), as columns. Try t refills, for every row still
+    without a rejected answer, its t-th retrieved image, all rows in one batch."""
+    cfg, pool, prompt = b.cfg, b.pool, b.recipe.data.prompt
+    images = [pool[i]["image"] for i in rows]
+    sims, hits = b.search(b.embedder.embed(images), cfg.top_k, np.asarray(rows, dtype=np.int64))
+    templates = [mask_template(c, b.vocab) for c in chosen]
+    tried = [[int(h) for h in row if h >= 0] for row in hits]
+    result: dict[int, tuple[int, str, float]] = {}  # row j -> (try, rejected, text cosine)
+    todo = [j for j, t in enumerate(templates) if any(isinstance(s, Slot) for s in t)]
+    for t in range(cfg.top_k):
+        todo = [j for j in todo if t < len(tried[j])]
+        if not todo:
+            break
+        retrieved = [pool[tried[j][t]]["image"] for j in todo]
+        refills = refill(b.model, b.processor, retrieved, prompt, [templates[j] for j in todo], b.vocab)
+        left = []
+        for j, rejected in zip(todo, refills):
+            text_sim = b.sentences.cosine(chosen[j], rejected)
+            if text_sim < cfg.similarity_threshold:
+                result[j] = (t, rejected, text_sim)
+            else:
+                left.append(j)
+        todo = left
+    cols: dict[str, list] = {name: [] for name in b.features}
+    for j in sorted(result):
+        t, rejected, text_sim = result[j]
+        i, hit = rows[j], tried[j][t]
+        row = {
+            "images": [images[j]],
+            "prompt": prompt,
+            "chosen": chosen[j],
+            "rejected": rejected,
+            "retrieved_images": [pool[hit]["image"]],
+            "image_id": b.ids[i],
+            "retrieved_id": b.ids[hit],
+            "retrieved_ids": [b.ids[h] for h in tried[j]],
+            "similarity": float(sims[j][t]),
+            "text_similarity": text_sim,
+            "mask": template_string(templates[j]),
+            "tries": t + 1,
+        }
+        if "objects" in cols:
+            row["objects"] = pool[i]["objects"]
+        for name, value in row.items():
+            cols[name].append(value)
+    return cols
+
+
+def _write_shard(b: _Build, s: int) -> None:
+    """Build shard `s` and write it with its record."""
+    from rlalign.evaluate import generate_captions
+
+    data = b.recipe.data
+    rows = list(range(s * b.cfg.shard_size, min((s + 1) * b.cfg.shard_size, len(b.pool))))
+    if b.cfg.chosen == "reference":
+        chosen = [b.refs[i][0] for i in rows]
+    else:
+        images = [b.pool[i]["image"] for i in rows]
+        chosen = generate_captions(
+            b.model, b.processor, images, data.prompt, max_new_tokens=data.max_response_tokens
+        )
+    table = Dataset.from_dict(_shard_rows(rows, chosen, b), features=b.features)
+    write_shard(table, b.shard_dir, s, b.digest)
+
+
 # ------------------------------------------------------------------------------------------ building
 
 
 def _retriever(cfg: PairsConfig, out: Path, embedder: Any, pool: Dataset, state: Any):
     """A `search(queries, k, exclude_ids)` over the pool: the service, or the saved in-process index
-    (built once by rank 0 when `out/index` is missing or was built by another encoder)."""
+    (built once by rank 0 when `out/index` is missing, or was built by another encoder, over another
+    number of images or with other settings)."""
     if cfg.service_url:
         from rlalign.retrieval.client import IndexClient
 
@@ -268,7 +451,11 @@ def _retriever(cfg: PairsConfig, out: Path, embedder: Any, pool: Dataset, state:
     from rlalign.retrieval.index import IndexMetadataError, VectorIndex
 
     def load():
-        return VectorIndex.load(out / INDEX_DIR, expect_fingerprint=embedder.fingerprint, device="cpu")
+        index = VectorIndex.load(out / INDEX_DIR, expect_fingerprint=embedder.fingerprint, device="cpu")
+        built = {name: getattr(index.config, name) for name in asdict(cfg.index)}
+        if index.count != len(pool) or built != asdict(cfg.index):
+            raise IndexMetadataError(f"{out / INDEX_DIR}: {index.count} images, {built}")
+        return index
 
     if state.is_main_process:  # every rank meets the barrier below, whether or not rank 0 builds
         try:
@@ -285,12 +472,10 @@ def build_index(cfg: PairsConfig, embedder: Any, images: list, directory: Path) 
     from rlalign.retrieval.index import IndexConfig, VectorIndex
 
     vectors = embedder.embed(images)
-    s = cfg.index
-    config = IndexConfig(kind=s.kind, metric=s.metric, nlist=s.nlist, nprobe=s.nprobe, hnsw_m=s.hnsw_m,
-                         ef_construction=s.ef_construction, ef_search=s.ef_search, device="cpu")  # fmt: skip
+    config = IndexConfig(**asdict(cfg.index), device="cpu")
     index = VectorIndex.build(vectors, np.arange(len(images)), config, fingerprint=embedder.fingerprint)
     index.save(directory)
-    log.info("index: %d images, dim %d, %s -> %s", len(images), index.dim, s.kind, directory)
+    log.info("index: %d images, dim %d, %s -> %s", len(images), index.dim, cfg.index.kind, directory)
     return index
 
 
@@ -303,122 +488,99 @@ def load_pool(recipe: Any) -> Dataset:
     return pool
 
 
-def _atomic_parquet(ds: Dataset, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        ds.to_parquet(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def build_pairs(recipe: Any, overwrite: bool = False) -> Path:
+    """Write the preference dataset of `recipe.pairs` into `pairs.output_dir`, resuming the whole shards of
+    an earlier run with the same settings and rebuilding damaged ones; returns the dataset's path.
 
-
-def _shard_rows(rows: list[int], pool: Dataset, chosen: list[str], ctx: dict) -> dict[str, list]:
-    """The pairs of one shard (pool positions `rows`), as columns. Try t refills, for every row still
-    without a rejected answer, its t-th retrieved image, all rows in one batch."""
-    cfg: PairsConfig = ctx["cfg"]
-    images = [pool[i]["image"] for i in rows]
-    sims, hits = ctx["search"](ctx["embedder"].embed(images), cfg.top_k, np.asarray(rows, dtype=np.int64))
-    templates = [mask_template(c, ctx["vocab"]) for c in chosen]
-    tried = [[int(h) for h in row if h >= 0] for row in hits]
-    result: dict[int, tuple[int, str, float]] = {}  # row j -> (try, rejected, text cosine)
-    todo = [j for j, t in enumerate(templates) if any(isinstance(s, Slot) for s in t)]
-    for t in range(cfg.top_k):
-        todo = [j for j in todo if t < len(tried[j])]
-        if not todo:
-            break
-        retrieved = [pool[tried[j][t]]["image"] for j in todo]
-        refills = refill(ctx["model"], ctx["processor"], retrieved, ctx["prompt"], [templates[j] for j in todo],
-                         ctx["vocab"])  # fmt: skip
-        left = []
-        for j, rejected in zip(todo, refills):
-            text_sim = ctx["sentences"].cosine(chosen[j], rejected)
-            if text_sim < cfg.similarity_threshold:
-                result[j] = (t, rejected, text_sim)
-            else:
-                left.append(j)
-        todo = left
-    cols: dict[str, list] = {name: [] for name in ctx["features"]}
-    for j in sorted(result):
-        t, rejected, text_sim = result[j]
-        i, hit = rows[j], tried[j][t]
-        row = {"images": [images[j]], "prompt": ctx["prompt"], "chosen": chosen[j], "rejected": rejected,
-               "retrieved_images": [pool[hit]["image"]], "image_id": ctx["ids"][i], "retrieved_id": ctx["ids"][hit],
-               "retrieved_ids": [ctx["ids"][h] for h in tried[j]], "similarity": float(sims[j][t]),
-               "text_similarity": text_sim, "mask": template_string(templates[j]), "tries": t + 1}  # fmt: skip
-        if "objects" in cols:
-            row["objects"] = pool[i]["objects"]
-        for name, value in row.items():
-            cols[name].append(value)
-    return cols
-
-
-def build_pairs(recipe: Any) -> Path:
-    """Write the preference dataset of `recipe.pairs` (resuming finished shards); returns its path."""
+    A folder built with other settings is refused with a `RecipeError` naming the first setting that
+    differs, before anything is written; `overwrite` starts over instead.
+    """
     from accelerate import PartialState
     from rich.progress import Progress
 
-    from rlalign.evaluate import generate_captions
-    from rlalign.retrieval.embedder import ImageEmbedder, build_embedder
+    from rlalign.retrieval.embedder import build_embedder
 
     cfg: PairsConfig = recipe.pairs
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(cfg.output_dir)
-    shard_dir = out / SHARDS_DIR
-    shard_dir.mkdir(parents=True, exist_ok=True)
     pool = load_pool(recipe)
-    ids = pool["image_id"]
     embedder, model, processor = build_embedder(recipe)
     if cfg.embedder.encoder != "policy":  # the refill is always the policy's
         from rlalign.models.builder import load_base
 
         model, processor = load_base(recipe.model, recipe.data)
         model.eval()
+    manifest = pair_manifest(recipe, pool, embedder, model, processor)
+    claim_output(out, manifest, overwrite, state)
     model.to(state.device)
-    assert isinstance(embedder, ImageEmbedder)
-    search = _retriever(cfg, out, embedder, pool, state)
     refs = [c if isinstance(c, list) else [c] for c in pool["captions"]]
-    sentences = (TfidfSentences([c for cs in refs for c in cs], cfg.tfidf_ngrams)
-                 if cfg.sentence_encoder == "tfidf" else HFSentences(cfg.sentence_encoder))  # fmt: skip
-    ctx = {"cfg": cfg, "embedder": embedder, "search": search, "model": model, "processor": processor,
-           "prompt": recipe.data.prompt, "vocab": vocabulary(cfg), "sentences": sentences, "ids": ids,
-           "features": pair_features("objects" in pool.column_names)}  # fmt: skip
+    b = _Build(
+        recipe=recipe,
+        pool=pool,
+        refs=refs,
+        ids=pool["image_id"],
+        embedder=embedder,
+        search=_retriever(cfg, out, embedder, pool, state),
+        model=model,
+        processor=processor,
+        sentences=_sentences(cfg, refs),
+        vocab=vocabulary(cfg),
+        features=pair_features("objects" in pool.column_names),
+        shard_dir=out / SHARDS_DIR,
+        digest=manifest_digest(manifest),
+    )
+    b.shard_dir.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(len(pool) / cfg.shard_size)
     mine = range(state.process_index, n_shards, state.num_processes)
-    todo = [s for s in mine if not (shard_dir / f"shard-{s:05d}.parquet").is_file()]
+    todo = _shards_to_do(b, mine)
     log.info("pairs: %d images, %d shards, %d of %d mine to do", len(pool), n_shards, len(todo), len(mine))
     with Progress(disable=not state.is_main_process) as progress:
         task = progress.add_task("pairs", total=len(mine), completed=len(mine) - len(todo))
         for s in todo:
-            rows = list(range(s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(pool))))
-            if cfg.chosen == "reference":
-                chosen = [refs[i][0] for i in rows]
-            else:
-                chosen = generate_captions(model, processor, [pool[i]["image"] for i in rows], recipe.data.prompt,
-                                           max_new_tokens=recipe.data.max_response_tokens)  # fmt: skip
-            cols = _shard_rows(rows, pool, chosen, ctx)
-            _atomic_parquet(
-                Dataset.from_dict(cols, features=ctx["features"]), shard_dir / f"shard-{s:05d}.parquet"
-            )
+            _write_shard(b, s)
             progress.advance(task)
     state.wait_for_everyone()
     if state.is_main_process:
-        _assemble(out, n_shards, len(pool), embedder)
+        _assemble(b, out, n_shards)
     state.wait_for_everyone()
     return out / DATASET_FILE
 
 
-def _assemble(out: Path, n_shards: int, pool_size: int, embedder: Any) -> None:
-    shard_dir = out / SHARDS_DIR
-    for stale in shard_dir.glob(".shard-*.tmp-*"):  # left by a killed run; every process is done now
+def _sentences(cfg: PairsConfig, refs: list[list[str]]) -> TfidfSentences | HFSentences:
+    if cfg.sentence_encoder == "tfidf":
+        return TfidfSentences([c for cs in refs for c in cs], cfg.tfidf_ngrams)
+    return HFSentences(cfg.sentence_encoder)
+
+
+def _shards_to_do(b: _Build, shards: Iterable[int]) -> list[int]:
+    """The shards that are not whole, logging each one that exists but is damaged (it will be rebuilt)."""
+    todo = []
+    for s in shards:
+        problem = shard_problem(b.shard_dir, s, b.digest)
+        if problem is not None:
+            todo.append(s)
+        if problem not in (None, MISSING):
+            log.warning("pairs: rebuilding %s: %s", shard_paths(b.shard_dir, s)[0], problem)
+    return todo
+
+
+def _assemble(b: _Build, out: Path, n_shards: int) -> None:
+    """Verify every shard (rebuilding any that is not whole), then join them in shard order."""
+    for stale in b.shard_dir.glob(".shard-*.tmp-*"):  # left by a killed run; every process is done now
         stale.unlink(missing_ok=True)
-    shards = [Dataset.from_parquet(str(shard_dir / f"shard-{s:05d}.parquet")) for s in range(n_shards)]
+    for s in _shards_to_do(b, range(n_shards)):
+        _write_shard(b, s)
+    shards = [Dataset.from_parquet(str(shard_paths(b.shard_dir, s)[0])) for s in range(n_shards)]
     full = datasets.concatenate_datasets(shards)
-    _atomic_parquet(full, out / DATASET_FILE)
-    stats = {"pool": pool_size, "pairs": len(full), "shards": n_shards, "encoder_fingerprint": embedder.fingerprint,
-             "embedded_this_run": embedder.embedded, "mean_tries": float(np.mean(full["tries"])) if len(full) else 0.0}  # fmt: skip
-    tmp = out / f".{STATS_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(stats, indent=2) + "\n")
-    os.replace(tmp, out / STATS_FILE)
-    log.info("pairs: %d of %d images gave a pair -> %s", len(full), pool_size, out / DATASET_FILE)
+    _atomic_write(out / DATASET_FILE, lambda tmp: full.to_parquet(str(tmp)))
+    stats = {
+        "pool": len(b.pool),
+        "pairs": len(full),
+        "shards": n_shards,
+        "manifest": b.digest,
+        "encoder_fingerprint": b.embedder.fingerprint,
+        "embedded_this_run": b.embedder.embedded,
+        "mean_tries": float(np.mean(full["tries"])) if len(full) else 0.0,
+    }
+    _atomic_write(out / STATS_FILE, lambda tmp: tmp.write_text(json.dumps(stats, indent=2) + "\n"))
+    log.info("pairs: %d of %d images gave a pair -> %s", len(full), len(b.pool), out / DATASET_FILE)
