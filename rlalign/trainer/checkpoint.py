@@ -9,10 +9,17 @@ numbers, read back with `weights_only=True`; under DeepSpeed, DeepSpeed's own pe
 scheduler and trainer state (JSON), every rank's RNG states (JSON + safetensors) and the resolved
 recipe. Resume restores all of it, and the data position is the step itself (the sampler is a
 pure function of the step).
+
+Each checkpoint proves itself: `manifest.json`, written after every rank has finished and before
+`COMPLETE`, lists every file (relative path, size, sha256; each rank hashes a share of the files),
+the step, the recipe and the data-order fingerprint; `COMPLETE` records the manifest's own sha256.
+Resume verifies a checkpoint before reading it (every rank checks a share, all get the same
+verdict); `auto` falls back to the previous valid checkpoint, naming the bad file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -25,11 +32,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlalign.config import Recipe, RecipeError, dump_recipe, recipe_to_dict
 from rlalign.trainer.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+MANIFEST = "manifest.json"
+DATA_ORDER_KEYS = ("seed", "global_batch", "train_size")
+"""The fields of the data-order fingerprint that decide which samples each step sees."""
 
 
 @dataclass
@@ -75,11 +86,75 @@ def _set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
         torch.cuda.set_rng_state(tensors["cuda"])
 
 
+def data_order(recipe: Recipe, world_size: int, train_size: int) -> dict[str, int]:
+    """What the data order depends on (see `trainer/data.py`): seed, global batch and dataset size."""
+    t = recipe.trainer
+    return {
+        "seed": t.seed,
+        "per_device_batch_size": t.per_device_batch_size,
+        "grad_accum_steps": t.grad_accum_steps,
+        "world_size": world_size,
+        "global_batch": t.per_device_batch_size * t.grad_accum_steps * world_size,
+        "train_size": train_size,
+    }
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _listing(folder: Path) -> list[str]:
+    """Every file under `folder` (relative, sorted), but the manifest and the marker themselves."""
+    names = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(n for n in names if n not in (MANIFEST, MARKER))
+
+
+def _check_file(folder: Path, name: str, entry: dict[str, Any]) -> str | None:
+    """What is wrong with one file against its manifest entry, or None."""
+    path = folder / name
+    if not path.is_file():
+        return f"{name}: missing"
+    size = path.stat().st_size
+    if size != entry["size"]:
+        return f"{name}: size {size} bytes, the manifest says {entry['size']}"
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        return f"{name}: sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}..."
+    return None
+
+
+def read_manifest(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) when the manifest is there and matches the sha256 in `COMPLETE`, else (None, why)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        text = (folder / MANIFEST).read_text()
+    except FileNotFoundError as err:
+        return None, f"{Path(err.filename).name}: missing"
+    except (ValueError, OSError) as err:
+        return None, f"{MARKER}: unreadable ({err})"
+    if not isinstance(marker, dict) or "manifest_sha256" not in marker:
+        return None, f"{MARKER}: records no manifest sha256 (not written by this version)"
+    if hashlib.sha256(text.encode()).hexdigest() != marker["manifest_sha256"]:
+        return None, f"{MANIFEST}: sha256 differs from the one recorded in {MARKER}"
+    return json.loads(text), None
+
+
 class Checkpointer:
-    def __init__(self, output_dir: str | Path, runtime: Runtime, keep_last: int):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        runtime: Runtime,
+        keep_last: int,
+        *,
+        recipe: Recipe | None = None,
+        order: dict[str, int] | None = None,
+    ):
         self.root = Path(output_dir) / "checkpoints"
         self.runtime = runtime
         self.keep_last = keep_last
+        self.recipe = recipe
+        self.order = order or {}
 
     # -- finding --------------------------------------------------------------------------------
     def complete(self) -> list[Path]:
@@ -93,21 +168,52 @@ class Checkpointer:
         return sorted((p for p in found if (p / MARKER).is_file()), key=lambda p: p.name)
 
     def resolve(self, resume: str) -> Path | None:
-        """`none` -> None, `auto` -> latest complete checkpoint or None, else that path (must be complete)."""
+        """`none` -> None; `auto` -> the newest complete checkpoint that passes verification (falling back
+        past bad ones, a RecipeError when none passes) or None when there is none; else that path, which
+        must be complete and pass verification."""
         if resume == "none":
             return None
-        if resume == "auto":
-            done = self.complete()
-            return done[-1] if done else None
-        path = Path(resume)
-        if not (path / MARKER).is_file():
-            raise FileNotFoundError(f"trainer.resume: {path} is not a complete checkpoint (no {MARKER} file)")
-        return path
+        if resume != "auto":
+            path = Path(resume)
+            if not (path / MARKER).is_file():
+                raise FileNotFoundError(
+                    f"trainer.resume: {path} is not a complete checkpoint (no {MARKER} file)"
+                )
+            problems = self.verify(path)
+            if problems:
+                raise RecipeError(
+                    f"trainer.resume={path}: checkpoint fails verification: {'; '.join(problems)}"
+                )
+            return path
+        failures = []
+        for path in reversed(self.runtime.broadcast_object(self.complete())):
+            problems = self.verify(path)
+            if not problems:
+                if failures:
+                    log.warning("falling back to %s, the newest checkpoint that passes verification", path)
+                return path
+            log.warning("checkpoint %s fails verification: %s", path, "; ".join(problems))
+            failures.append(f"{path.name}/{problems[0]}")
+        if failures:
+            raise RecipeError(
+                f"trainer.resume=auto: no valid checkpoint in {self.root}: {'; '.join(failures)}"
+            )
+        return None
+
+    def verify(self, path: Path) -> list[str]:
+        """What is wrong with the checkpoint at `path` (empty: nothing). Every rank hashes a share of the
+        files; all ranks return the same list."""
+        rt = self.runtime
+        manifest, problem = rt.broadcast_object(read_manifest(path) if rt.is_main else None)
+        if problem is not None:
+            return [problem]
+        files = manifest["files"]
+        names = sorted(files)[rt.rank :: rt.world_size]
+        mine = [p for p in (_check_file(path, n, files[n]) for n in names) if p is not None]
+        return sorted(p for part in rt.all_gather_object(mine) for p in part)
 
     # -- saving ---------------------------------------------------------------------------------
-    def save(
-        self, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainState, recipe_yaml: str
-    ) -> Path:
+    def save(self, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainState) -> Path:
         rt = self.runtime
         final = self.root / f"step-{state.step:07d}"
         tmp = self.root / f"step-{state.step:07d}.tmp"
@@ -129,17 +235,48 @@ class Checkpointer:
             save_tensors(model_sd, tmp / "model.safetensors")
             (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
-            (tmp / "recipe.yaml").write_text(recipe_yaml)
+            (tmp / "recipe.yaml").write_text(dump_recipe(self.recipe))
         rt.barrier()
+        files = self._hash_files(tmp)
         if rt.is_main:
-            (tmp / MARKER).write_text(json.dumps({"step": state.step, "world_size": rt.world_size}))
+            manifest = {
+                "step": state.step,
+                "world_size": rt.world_size,
+                "engine": rt.engine,
+                "data_order": self.order,
+                "recipe": recipe_to_dict(self.recipe),
+                "files": files,
+            }
+            text = json.dumps(manifest, indent=1)
+            (tmp / MANIFEST).write_text(text)
+            marker = {
+                "step": state.step,
+                "world_size": rt.world_size,
+                "manifest_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            }
+            (tmp / MARKER).write_text(json.dumps(marker))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in self.complete()[: -self.keep_last]:
+                (old / MARKER).unlink()  # no longer complete even if the deletion is cut short
                 shutil.rmtree(old, ignore_errors=True)
             log.info("checkpoint saved: %s", final)
         rt.barrier()
         return final
+
+    def _hash_files(self, folder: Path) -> dict[str, dict[str, Any]]:
+        """Size and sha256 of every file in `folder` (all ranks' files, after the barrier): each rank
+        hashes a share, rank 0 gets them all (other ranks get the same)."""
+        rt = self.runtime
+        names = rt.broadcast_object(_listing(folder) if rt.is_main else None)
+        mine = {
+            n: {"size": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)}
+            for n in names[rt.rank :: rt.world_size]
+        }
+        files: dict[str, dict[str, Any]] = {}
+        for part in rt.all_gather_object(mine):
+            files.update(part)
+        return {n: files[n] for n in names}
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         rt = self.runtime
@@ -166,6 +303,7 @@ class Checkpointer:
         """Restore everything but the RNG (call `restore_rng` last, right before the loop)."""
         rt = self.runtime
         state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+        self._check_data_order(path)
         if rt.backend == "deepspeed":
             model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=True)
         else:
@@ -188,6 +326,22 @@ class Checkpointer:
         scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         log.info("resumed from %s at step %d", path, state.step)
         return state
+
+    def _check_data_order(self, path: Path) -> None:
+        """Warn when the resumed run's samples will differ from the checkpointed run's."""
+        saved = json.loads((path / MANIFEST).read_text()).get("data_order", {})
+        changed = [
+            f"{k} {saved.get(k)} -> {self.order.get(k)}"
+            for k in DATA_ORDER_KEYS
+            if saved.get(k) != self.order.get(k)
+        ]
+        if self.order and changed:
+            log.warning(
+                "data order differs from %s (%s): the resumed run sees other samples than the "
+                "interrupted one would have",
+                path,
+                ", ".join(changed),
+            )
 
     def restore_rng(self, path: Path) -> None:
         rank = self.runtime.rank

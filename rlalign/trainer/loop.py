@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -17,16 +18,16 @@ import torch
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from rlalign.config import Recipe, dump_recipe, recipe_to_dict
+from rlalign.config import Recipe, RecipeError, dump_recipe, recipe_to_dict
 from rlalign.data import build_data
 from rlalign.models.builder import ReferenceModel, build_policy
 from rlalign.objectives import build_objective
 from rlalign.objectives.xe import model_inputs, token_nll
 from rlalign.tracking import make_tracker, wandb_mode
-from rlalign.trainer.checkpoint import Checkpointer, TrainState
+from rlalign.trainer.checkpoint import Checkpointer, TrainState, data_order
 from rlalign.trainer.data import eval_shard, step_loader
 from rlalign.trainer.objective_eval import evaluate_objective
-from rlalign.trainer.runtime import Runtime
+from rlalign.trainer.runtime import Runtime, StepOutcome
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +64,38 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.op
 
 
 def optimizer_update(
-    model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm
+    model,
+    objective,
+    window,
+    optimizer,
+    scheduler,
+    runtime,
+    reference,
+    max_grad_norm,
+    *,
+    step: int = 0,
+    on_nonfinite: str = "stop",
 ) -> dict:
-    """One optimizer step over `window` (this rank's micro-batches); metrics are global means."""
+    """One optimizer step over `window` (this rank's micro-batches); metrics are global means.
+    `step` (1-based) names the update when its loss or gradient norm is non-finite."""
     counts = torch.tensor([sum(objective.count_items(b) for b in window)], dtype=torch.float64)
     items_per_micro = float(runtime.all_reduce(counts)) / (len(window) * runtime.world_size)
     sums: dict[str, float] = {}
-    tokens = samples = 0
+    tokens = samples = skipped = 0
+    loss_finite = True
     for batch in window:
         batch = {k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with runtime.accumulate(model):
             loss, metrics = objective.loss(model, batch, items_per_micro=items_per_micro, reference=reference)
+            loss_finite = loss_finite and bool(torch.isfinite(loss.detach()).all())
             runtime.backward(loss)
             if runtime.sync_gradients:
                 lr = scheduler.get_last_lr()[0]
-                grad_norm = runtime.clip_grad_norm(model, max_grad_norm)
-                optimizer.step()
+                outcome = runtime.step(model, optimizer, max_grad_norm, loss_finite)
+                if not outcome.finite:
+                    drop_nonfinite(outcome, step, on_nonfinite)
+                    skipped += 1
+                grad_norm, loss_finite = outcome.grad_norm, True
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         for k, v in metrics.items():
@@ -91,28 +108,63 @@ def optimizer_update(
     )
     out = {k: float(totals[i]) / (len(window) * runtime.world_size) for i, k in enumerate(keys)}
     out.update(grad_norm=grad_norm, lr=lr, tokens=float(totals[-2]), samples=float(totals[-1]))
+    if skipped:
+        out["skipped_updates"] = float(skipped)
     return out
 
 
+def drop_nonfinite(outcome: StepOutcome, step: int, on_nonfinite: str) -> None:
+    """A non-finite loss or gradient norm: stop the run (a one-line error, nothing saved) or, under
+    `skip_step`, log that the update was dropped. An update DeepSpeed applied anyway always stops."""
+    what = f"step {step}: non-finite loss or gradient norm (grad norm {outcome.grad_norm:.4g})"
+    if outcome.applied:
+        raise RecipeError(f"{what}; the engine applied the update anyway, run stopped, nothing saved")
+    if on_nonfinite == "stop":
+        raise RecipeError(
+            f"{what}; run stopped before the optimizer step, nothing saved "
+            "(trainer.on_nonfinite=skip_step drops such updates)"
+        )
+    log.warning("%s; update dropped (trainer.on_nonfinite=skip_step)", what)
+
+
+SUMMED = ("tokens", "samples", "skipped_updates")
+
+
 def train_step(
-    model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm, step
+    model,
+    objective,
+    window,
+    optimizer,
+    scheduler,
+    runtime,
+    reference,
+    max_grad_norm,
+    step,
+    on_nonfinite: str = "stop",
 ) -> dict:
-    """One loop step. Supervised objectives: one optimizer update over `window`. Rollout objectives:
-    `objective.rollout` (seeded by the step) turns `window` into a buffer of micro-batches, reused for `inner_epochs`
-    passes of updates of `len(window)` micro-batches each; metrics are averaged over the updates."""
+    """One loop step (`step` updates done before it). Supervised objectives: one optimizer update over
+    `window`. Rollout objectives: `objective.rollout` (seeded by the step) turns `window` into a buffer of
+    micro-batches, reused for `inner_epochs` passes of updates of `len(window)` micro-batches each; metrics
+    are averaged over the updates."""
+    guard = {"step": step + 1, "on_nonfinite": on_nonfinite}
     if not objective.needs_rollout:
         return optimizer_update(
-            model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm
+            model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm, **guard
         )
     buffer, metrics = objective.rollout(model, window, step=step, runtime=runtime, reference=reference)
     accum = len(window)
     updates = [
         buffer[i : i + accum] for _ in range(objective.inner_epochs) for i in range(0, len(buffer), accum)
     ]
-    results = [optimizer_update(model, objective, u, optimizer, scheduler, runtime, reference, max_grad_norm)
-               for u in updates]  # fmt: skip
-    for key in results[0]:
-        metrics[key] = sum(r[key] for r in results) / (1 if key in ("tokens", "samples") else len(results))
+    results = [
+        optimizer_update(
+            model, objective, u, optimizer, scheduler, runtime, reference, max_grad_norm, **guard
+        )
+        for u in updates
+    ]
+    for key in sorted({k for r in results for k in r}):
+        total = sum(r.get(key, 0.0) for r in results)
+        metrics[key] = total / (1 if key in SUMMED else len(results))
     return metrics
 
 
@@ -143,8 +195,9 @@ def validate(model, objective, data, runtime: Runtime, reference, t) -> dict[str
                 model, data.val, data.collate, runtime, t.eval_size, t.per_device_batch_size
             )
         }
-    return evaluate_objective(model, objective, data.val, data.collate, runtime, reference, t.eval_size,
-                              t.per_device_batch_size)  # fmt: skip
+    return evaluate_objective(
+        model, objective, data.val, data.collate, runtime, reference, t.eval_size, t.per_device_batch_size
+    )
 
 
 def export_final(model, processor, runtime: Runtime, recipe: Recipe, out: Path) -> None:
@@ -171,6 +224,13 @@ def export_final(model, processor, runtime: Runtime, recipe: Recipe, out: Path) 
     runtime.barrier()
 
 
+def write_pid(out: Path, rank: int) -> None:
+    """`out/pids/rank-R.pid`: which processes run this rank, for operators and for the kill tests."""
+    folder = out / "pids"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
+
+
 def write_run_info(out: Path, runtime: Runtime, model: torch.nn.Module) -> None:
     """What really runs (engine, wrapper class, share of parameters per rank): a silent fallback shows here."""
     fractions = torch.zeros(runtime.world_size, dtype=torch.float64)
@@ -178,8 +238,13 @@ def write_run_info(out: Path, runtime: Runtime, model: torch.nn.Module) -> None:
     fractions = runtime.all_reduce(fractions)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        info = {"engine": runtime.engine, "world_size": runtime.world_size, "model_class": runtime.model_kind(model),
-                "param_fraction_per_rank": fractions.tolist(), "device": str(runtime.device)}  # fmt: skip
+        info = {
+            "engine": runtime.engine,
+            "world_size": runtime.world_size,
+            "model_class": runtime.model_kind(model),
+            "param_fraction_per_rank": fractions.tolist(),
+            "device": str(runtime.device),
+        }
         (out / "run_info.json").write_text(json.dumps(info, indent=1))
 
 
@@ -187,8 +252,12 @@ def train(recipe: Recipe) -> Path:
     """Run a recipe to its end (or to a SIGTERM); returns the output folder."""
     t = recipe.trainer
     out = Path(t.output_dir)
-    runtime = Runtime.create(recipe.distributed, grad_accum_steps=t.grad_accum_steps,
-                             log_with="wandb" if wandb_mode(recipe.tracking) else None)  # fmt: skip
+    runtime = Runtime.create(
+        recipe.distributed,
+        grad_accum_steps=t.grad_accum_steps,
+        log_with="wandb" if wandb_mode(recipe.tracking) else None,
+    )
+    write_pid(out, runtime.rank)
     set_seed(t.seed)
     with runtime.model_init():
         policy, processor = build_policy(recipe.model, recipe.data)
@@ -206,7 +275,8 @@ def train(recipe: Recipe) -> Path:
         micro_batch_size=t.per_device_batch_size,
     )
     reference.attach(model)
-    ckpt = Checkpointer(out, runtime, t.keep_last)
+    order = data_order(recipe, runtime.world_size, len(train_set))
+    ckpt = Checkpointer(out, runtime, t.keep_last, recipe=recipe, order=order)
     ckpt.clean_partial()
     resume_from = ckpt.resolve(t.resume)
     state = TrainState(world_size=runtime.world_size, engine=runtime.engine)
@@ -220,15 +290,29 @@ def train(recipe: Recipe) -> Path:
         log.info(
             "engine %s, world size %d, %d train pairs", runtime.engine, runtime.world_size, len(train_set)
         )
-    loader = step_loader(train_set, data.collate, micro=t.per_device_batch_size, world=runtime.world_size,
-                         rank=runtime.rank, accum=t.grad_accum_steps, seed=t.seed, start_step=state.step,
-                         end_step=t.max_steps, num_workers=t.num_workers)  # fmt: skip
+    loader = step_loader(
+        train_set,
+        data.collate,
+        micro=t.per_device_batch_size,
+        world=runtime.world_size,
+        rank=runtime.rank,
+        accum=t.grad_accum_steps,
+        seed=t.seed,
+        start_step=state.step,
+        end_step=t.max_steps,
+        num_workers=t.num_workers,
+    )
     if resume_from is not None:
         ckpt.restore_rng(resume_from)
     preemption = Preemption()
     batches = iter(loader)
-    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
-                  TimeRemainingColumn(), disable=not runtime.is_main) as bar:  # fmt: skip
+    with Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
+        TimeRemainingColumn(),
+        disable=not runtime.is_main,
+    ) as bar:
         task = bar.add_task("train", total=t.max_steps, completed=state.step, info="")
         while state.step < t.max_steps:
             started = time.perf_counter()
@@ -243,12 +327,16 @@ def train(recipe: Recipe) -> Path:
                 reference,
                 recipe.optim.max_grad_norm,
                 state.step,
+                t.on_nonfinite,
             )
             state.step += 1
             state.samples_seen += int(m["samples"])
             elapsed = time.perf_counter() - started
-            m.update(samples_per_s=m.pop("samples") / elapsed,
-                     tokens_per_s=m.pop("tokens") / elapsed, step_time_s=elapsed)  # fmt: skip
+            m.update(
+                samples_per_s=m.pop("samples") / elapsed,
+                tokens_per_s=m.pop("tokens") / elapsed,
+                step_time_s=elapsed,
+            )
             last = state.step == t.max_steps
             if (t.eval_every and state.step % t.eval_every == 0) or last:
                 m.update(validate(model, objective, data, runtime, reference, t))
@@ -257,7 +345,7 @@ def train(recipe: Recipe) -> Path:
             bar.update(task, completed=state.step, info=f"loss {m['loss']:.4f}")
             stop = runtime.any(preemption.requested)
             if (t.save_every and state.step % t.save_every == 0) or last or stop:
-                ckpt.save(model, optimizer, scheduler, state, dump_recipe(recipe))
+                ckpt.save(model, optimizer, scheduler, state)
             if stop:
                 log.warning("stopped by SIGTERM at step %d; checkpoint written", state.step)
                 break

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +42,15 @@ def detect_backend(cfg: DistributedConfig) -> str:
     return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    grad_norm: float
+    finite: bool
+    """The loss on every rank and the gradient norm were finite."""
+    applied: bool
+    """The optimizer update happened."""
+
+
 @dataclass
 class Runtime:
     accelerator: Accelerator
@@ -50,6 +60,8 @@ class Runtime:
     grad_accum_steps: int
     param_gathers: int = 0
     """Times `full_parameters` gathered sharded parameters (ZeRO-3 / FSDP2), for tests and metrics."""
+    _ds_skipped: int = 0
+    """DeepSpeed's skipped-step count before the engine's last step (to tell whether it refused the update)."""
 
     @classmethod
     def create(
@@ -132,14 +144,23 @@ class Runtime:
             self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
     def prepare(
-        self, model: torch.nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer],
-        make_scheduler: Callable[[torch.optim.Optimizer], Any], *, micro_batch_size: int,
-    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:  # fmt: skip
+        self,
+        model: torch.nn.Module,
+        make_optimizer: Callable[[list], torch.optim.Optimizer],
+        make_scheduler: Callable[[torch.optim.Optimizer], Any],
+        *,
+        micro_batch_size: int,
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
         """Shard the model, then build the optimizer over the parameters that really train
         (FSDP2 replaces parameters with DTensors) and the scheduler over the bare optimizer."""
         if self.backend == "fsdp2":
-            shard_fsdp2(model, self.world_size, self.device, reshard=self.cfg.fsdp_reshard_after_forward,
-                        mixed_precision=self.cfg.mixed_precision)  # fmt: skip
+            shard_fsdp2(
+                model,
+                self.world_size,
+                self.device,
+                reshard=self.cfg.fsdp_reshard_after_forward,
+                mixed_precision=self.cfg.mixed_precision,
+            )
             optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
             return model, optimizer, make_scheduler(optimizer)
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
@@ -190,7 +211,33 @@ class Runtime:
         return self.accelerator.sync_gradients
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward; under DeepSpeed also the engine's step on the last micro-batch (see `step`)."""
+        if self.backend == "deepspeed" and self.sync_gradients:
+            self._ds_skipped = self.accelerator.deepspeed_engine_wrapped.engine.skipped_steps
         self.accelerator.backward(loss)
+
+    def step(self, model: torch.nn.Module, optimizer: Any, max_norm: float, loss_finite: bool) -> StepOutcome:
+        """Clip and apply the update unless the loss on some rank or the global gradient norm is non-finite;
+        then no optimizer step is taken (the caller zeroes the gradients). Every rank gets the same verdict.
+
+        A gradient overflow under fp16 loss scaling is the scaler's business (it skips the step and lowers
+        the scale), so there only the loss counts. Under DeepSpeed the engine stepped inside `backward`;
+        its own check refuses non-finite gradients (fp32, fp16, ZeRO-3; bf16 ZeRO-1/2 only with
+        `check_grad_overflow`), and its skipped-step count tells whether it applied the update."""
+        if self.backend == "deepspeed":
+            raw = model.get_global_grad_norm()
+            norm = float(raw) if raw is not None else float("nan")
+            scaled = model.fp16_enabled()
+        else:
+            norm = self.clip_grad_norm(model, max_norm)
+            scaled = self.accelerator.scaler is not None
+        ok = loss_finite and (scaled or math.isfinite(norm))
+        finite = not self.any(not ok)
+        if self.backend == "deepspeed":
+            return StepOutcome(norm, finite, applied=model.skipped_steps == self._ds_skipped)
+        if finite:
+            optimizer.step()
+        return StepOutcome(norm, finite, applied=finite)
 
     def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> float:
         """Clip and return the global gradient norm (DeepSpeed clips inside its step)."""
@@ -251,6 +298,22 @@ class Runtime:
 
     def any(self, flag: bool) -> bool:
         return bool(self.all_reduce(torch.tensor([float(flag)]), op="max").item() > 0)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (so that all ranks decide on the same input)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def local_param_fraction(self, model: torch.nn.Module) -> float:
         """Share of all parameter elements this rank holds (≈ 1/world under ZeRO-3 and FSDP2)."""
