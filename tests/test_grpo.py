@@ -199,3 +199,22 @@ def test_minibatches_equal_accumulated_minibatches(tmp_path):
     assert worst < 1e-6, worst
     moved = max(float((params["split"][k] - params["one_update"][k]).abs().max()) for k in params["split"])
     assert moved > 1e-5, moved
+
+
+def test_schedule_advances_once_per_loop_step(tmp_path):
+    """GRPO makes inner_epochs x minibatches updates per loop step; the learning-rate schedule is sized in loop
+    steps (trainer.max_steps), so it advances once per step: the logged lr is the hand-computed linear decay
+    lr0 * (1 - 0.9 * (s - 1) / max_steps) at every update of step s."""
+    out = tmp_path / "run"
+    rlalign(
+        "train",
+        "recipes/test/tiny-grpo.yaml",
+        f"trainer.output_dir={out}",
+        "trainer.max_steps=3",
+        "optim.scheduler=linear",
+        "optim.warmup_steps=0",
+        "optim.lr=1e-3",
+        "objective.grpo.minibatches=2",
+    )
+    logged = [m["lr"] for m in metrics(out)]
+    assert logged == pytest.approx([1e-3 * (1 - 0.9 * s / 3) for s in range(3)], rel=1e-12)

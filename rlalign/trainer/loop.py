@@ -75,9 +75,12 @@ def optimizer_update(
     *,
     step: int = 0,
     on_nonfinite: str = "stop",
+    step_scheduler: bool = True,
 ) -> dict:
     """One optimizer step over `window` (this rank's micro-batches); metrics are global means.
-    `step` (1-based) names the update when its loss or gradient norm is non-finite."""
+    `step` (1-based) names the update when its loss or gradient norm is non-finite. The learning-rate
+    schedule counts loop steps: a rollout step's several updates advance it once (`step_scheduler` on
+    the last)."""
     counts = torch.tensor([sum(objective.count_items(b) for b in window)], dtype=torch.float64)
     items_per_micro = float(runtime.all_reduce(counts)) / (len(window) * runtime.world_size)
     sums: dict[str, float] = {}
@@ -96,7 +99,8 @@ def optimizer_update(
                     drop_nonfinite(outcome, step, on_nonfinite)
                     skipped += 1
                 grad_norm, loss_finite = outcome.grad_norm, True
-                scheduler.step()
+                if step_scheduler:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -158,9 +162,18 @@ def train_step(
     ]
     results = [
         optimizer_update(
-            model, objective, u, optimizer, scheduler, runtime, reference, max_grad_norm, **guard
+            model,
+            objective,
+            u,
+            optimizer,
+            scheduler,
+            runtime,
+            reference,
+            max_grad_norm,
+            **guard,
+            step_scheduler=i == len(updates) - 1,
         )
-        for u in updates
+        for i, u in enumerate(updates)
     ]
     for key in sorted({k for r in results for k in r}):
         total = sum(r.get(key, 0.0) for r in results)
