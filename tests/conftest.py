@@ -49,11 +49,17 @@ def rlalign(*args: str, **kw) -> subprocess.CompletedProcess:
     return run([str(BIN / "rlalign"), *args], **kw)
 
 
+def accelerate_cmd(config: str, nproc: int, *target: str, port: int | None = None) -> list[str]:
+    """`accelerate launch` with a shipped launch file on `nproc` CPU processes, running `target` (a script, or
+    `-m module ...`)."""
+    return [str(BIN / "accelerate"), "launch", "--config_file", f"launch/{config}", "--num_processes", str(nproc),
+            "--main_process_port", str(port or free_port()), *target]  # fmt: skip
+
+
 def launch_cmd(
     config: str, nproc: int, *args: str, port: int | None = None, extra: tuple[str, ...] = ()
 ) -> list[str]:
-    return [str(BIN / "accelerate"), "launch", "--config_file", f"launch/{config}", "--num_processes", str(nproc),
-            "--main_process_port", str(port or free_port()), *extra, "-m", "rlalign.cli", "train", *args]  # fmt: skip
+    return accelerate_cmd(config, nproc, *extra, "-m", "rlalign.cli", "train", *args, port=port)
 
 
 def metrics(out: Path) -> list[dict]:

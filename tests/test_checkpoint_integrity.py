@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, TINY, free_port, losses, make_env, metrics, rlalign, run
+from conftest import BIN, TINY, accelerate_cmd, losses, make_env, metrics, rlalign, run
 from safetensors.torch import load_file
 
 WIDE = make_env(COLUMNS="1000")  # log lines unwrapped, so that a path is one word
@@ -177,14 +177,7 @@ def test_skip_step_agrees_across_ranks(tmp_path):
     out, script = tmp_path / "run", tmp_path / "hook.py"
     script.write_text(HOOK)
     cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        "launch/ddp-8gpu.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
+        *accelerate_cmd("ddp-8gpu.yaml", 2),
         str(script),
         "train",
         TINY,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from conftest import BIN, TINY, free_port, rlalign, run
+from conftest import TINY, accelerate_cmd, rlalign, run
 from PIL import Image
 
 from rlalign.config.schema import ModelConfig, TinyModelConfig
@@ -180,14 +180,7 @@ def test_two_processes_build_the_same_pairs(tmp_path):
     cache = tmp_path / "cache"
     rlalign("pairs", "build", *_args(tmp_path / "one", cache))
     cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        "launch/ddp-8gpu.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
+        *accelerate_cmd("ddp-8gpu.yaml", 2),
         "-m",
         "rlalign.cli",
         "pairs",

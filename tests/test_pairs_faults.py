@@ -22,7 +22,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import BIN, ROOT, TINY, free_port, make_env, rlalign
+from conftest import ROOT, TINY, accelerate_cmd, make_env, rlalign
 from datasets import Dataset
 
 from rlalign.config import RecipeError, load_recipe
@@ -329,14 +329,7 @@ def test_killed_launch_resumes_to_the_uninterrupted_dataset(reference, tmp_path)
     out = tmp_path / "out"
     args = ["pairs", "build", TINY, *_overrides(out, reference / "cache")]
     cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        "launch/ddp-8gpu.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
+        *accelerate_cmd("ddp-8gpu.yaml", 2),
         "-m",
         "rlalign.cli",
         *args,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, ROOT, free_port, make_env
+from conftest import ROOT, accelerate_cmd, make_env
 from PIL import Image
 
 from rlalign.config import RecipeError
@@ -373,14 +373,7 @@ def test_two_ranks_give_the_single_rank_answers(tmp_path, tiny_model, shapes_pop
     ]
     main_eval(["pope", *args, "--out", str(tmp_path / "one")])
     cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        "launch/ddp-8gpu.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
+        *accelerate_cmd("ddp-8gpu.yaml", 2),
         "-m",
         "rlalign.evaluation.runner",
         "pope",
