@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/rlalign demo --out reports/demo
 
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 test-all: setup
 	$(BIN)/pytest -q -m "not gpu"

@@ -28,13 +28,20 @@ BENCHES = {
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
-
+    """Rich on a terminal; plain timestamped lines otherwise (job logs, pipes), never wrapped, so a
+    long path or a grep for a message survives."""
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
-    logging.basicConfig(
-        level=level, format="%(message)s", handlers=[RichHandler(show_path=False, markup=False)]
-    )
+    if sys.stdout.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stdout)  # where the rich console writes too
+        prefix = f"[rank {rank}] " if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler])
     for noisy in (
         "httpx",
         "urllib3",

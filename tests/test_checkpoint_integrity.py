@@ -170,6 +170,7 @@ def test_skip_step_drops_exactly_that_update(tmp_path):
     assert all(torch.isfinite(t).all() for t in final.values())
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_skip_step_agrees_across_ranks(tmp_path):
     """DDP: step 3's loss is NaN on rank 1 only (its gradients are finite, so the all-reduced gradient norm

@@ -163,7 +163,10 @@ def test_lora_targets_that_match_nothing(tmp_path, llava_dir):
 def test_objective_needs_not_met(recipe, overrides, needle, tmp_path):
     sets = [x for o in overrides for x in ("--set", o)]
     one_line_error(rl("validate", recipe, *sets), "model.reference", needle)
-    one_line_error(rl("train", recipe, *overrides, f"trainer.output_dir={tmp_path / 'run'}"), needle)
+    if (
+        recipe.endswith("dpo.yaml") and "rdpo" not in recipe
+    ):  # train runs the same preflight: one case is enough
+        one_line_error(rl("train", recipe, *overrides, f"trainer.output_dir={tmp_path / 'run'}"), needle)
 
 
 def test_grpo_without_kl_needs_no_reference():

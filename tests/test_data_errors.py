@@ -228,6 +228,7 @@ def test_oversize_image_downscaled_with_its_aspect(tmp_path, processor, fmt):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_downscaled_run_trains(tmp_path):
     rows = pair_rows(tmp_path)
     two_colour(300, 200).save(tmp_path / "img" / "big.png")
@@ -310,6 +311,7 @@ def caption_folder(tmp_path: Path) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_caption_data_bad_row(tmp_path):
     data = caption_folder(tmp_path)
     args = ("data.source=local", f"data.path={data}", "trainer.eval_size=4")

@@ -75,6 +75,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(full_run, tmp_path, target):
     assert losses(out) == pytest.approx(losses(full_run), abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_plain_accelerate_launch_reports_sigterm_as_failure(tmp_path):
     """Why the wrapper exists: torch elastic under plain `accelerate launch` turns SIGTERM into exit 1

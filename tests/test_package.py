@@ -105,10 +105,15 @@ def test_init_copies_recipe_its_bases_and_launch_files(installed, tmp_path):
 
 
 @pytest.mark.e2e
-def test_quick_demo_runs_from_the_installed_package(installed, tmp_path):
+@pytest.mark.parametrize(
+    "stages",
+    [["--stages", "xe"], pytest.param([], marks=pytest.mark.slow)],
+    ids=["xe", "all-stages"],
+)
+def test_quick_demo_runs_from_the_installed_package(installed, tmp_path, stages):
     bin_, env = installed
-    sh([str(bin_ / "rlalign"), "demo", "--quick", "--out", "report"], tmp_path, env)
+    sh([str(bin_ / "rlalign"), "demo", "--quick", *stages, "--out", "report"], tmp_path, env)
     report = (tmp_path / "report" / "report.md").read_text()
-    for row in ("init", "xe", "scst", "grpo", "dpo", "rdpo"):
+    for row in ("init", "xe", "scst", "grpo", "dpo", "rdpo") if not stages else ("init", "xe"):
         assert f"| {row} |" in report, row
     assert (tmp_path / "report" / "runs").is_dir() and not (ROOT / "report").exists()

@@ -359,6 +359,7 @@ def test_shards_cover_every_item_once_in_order():
             assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_give_the_single_rank_answers(tmp_path, tiny_model, shapes_pope):
     args = [

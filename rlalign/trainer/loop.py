@@ -270,7 +270,6 @@ def train(recipe: Recipe) -> Path:
         grad_accum_steps=t.grad_accum_steps,
         log_with="wandb" if wandb_mode(recipe.tracking) else None,
     )
-    write_pid(out, runtime.rank)
     set_seed(t.seed)
     with runtime.model_init():
         policy, processor = build_policy(recipe.model, recipe.data)
@@ -288,6 +287,7 @@ def train(recipe: Recipe) -> Path:
         micro_batch_size=t.per_device_batch_size,
     )
     reference.attach(model)
+    write_pid(out, runtime.rank)  # after model and data are built: a bad recipe or row leaves no run folder
     order = data_order(recipe, runtime.world_size, len(train_set))
     ckpt = Checkpointer(out, runtime, t.keep_last, recipe=recipe, order=order)
     ckpt.clean_partial()
