@@ -124,7 +124,9 @@ def non_utf8_parquet(tmp_path: Path) -> Path:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("make", [non_utf8_jsonl, non_utf8_parquet], ids=["jsonl", "parquet"])
+@pytest.mark.parametrize(
+    "make", [non_utf8_jsonl, pytest.param(non_utf8_parquet, marks=pytest.mark.slow)], ids=["jsonl", "parquet"]
+)
 def test_non_utf8_text_is_a_bad_row(tmp_path, make):
     path = make(tmp_path)
     err = one_line_error(
@@ -155,6 +157,7 @@ def test_png_header_fixture_does_not_decode():
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_oversize_image_refused_from_its_header(tmp_path):
     rows = pair_rows(tmp_path)
     (tmp_path / "img" / "big.png").write_bytes(png_header(5000, 4000))

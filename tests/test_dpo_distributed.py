@@ -13,6 +13,7 @@ pytestmark = pytest.mark.distributed
 RECIPE = "recipes/test/tiny-dpo.yaml"
 
 
+@pytest.mark.slow
 def test_zero3_dpo_matches_single(tmp_path):
     single, zero3 = tmp_path / "single", tmp_path / "zero3"
     rlalign("train", RECIPE, f"trainer.output_dir={single}", "trainer.per_device_batch_size=4")

@@ -174,6 +174,7 @@ def test_render_pairs_draws_one_row_per_pair(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_two_processes_build_the_same_pairs(tmp_path):
     """`accelerate launch` with 2 processes: each rank builds its shards, rank 0 joins them; the
     dataset equals the single-process one."""

@@ -157,7 +157,7 @@ def test_sigkill_resume_is_bitwise_single_process(tmp_path):
 @pytest.mark.parametrize(
     ("config", "pattern"),
     [
-        ("ddp-8gpu.yaml", "optimizer.pt"),
+        pytest.param("ddp-8gpu.yaml", "optimizer.pt", marks=pytest.mark.slow),
         ("zero3-8gpu.yaml", "deepspeed/state/*rank_1*optim_states.pt"),
         pytest.param("fsdp2-8gpu.yaml", "model.safetensors", marks=pytest.mark.slow),
         pytest.param("zero2-8gpu.yaml", "rng/rank-1.safetensors", marks=pytest.mark.slow),
@@ -176,6 +176,7 @@ def test_sigkill_resume_two_processes(tmp_path, config, pattern):
     assert losses(cut) == pytest.approx(losses(full), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_writes_complete_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "term"
     args = [
@@ -201,6 +202,7 @@ def test_sigterm_writes_complete_checkpoint_and_resumes(tmp_path):
     assert [m["step"] for m in metrics(out)] == list(range(1, 41))
 
 
+@pytest.mark.slow
 def test_partial_checkpoint_is_ignored(tmp_path):
     """A crash mid-save leaves a .tmp folder (or a folder without COMPLETE): resume never picks it."""
     out = tmp_path / "run"

@@ -45,6 +45,7 @@ def test_zero3_grpo_matches_single_process(tmp_path):
     assert all(m["loss"] != 0.0 for m in ref)
 
 
+@pytest.mark.slow
 def test_fsdp2_grpo_matches_single_process(tmp_path):
     """launch/torchrun.sh with distributed.backend=fsdp2: same losses, one unshard per rollout."""
     single, fsdp = tmp_path / "single", tmp_path / "fsdp2"
