@@ -81,7 +81,7 @@ def tiny_setup(tmp_path_factory):
     from rlalign.data import build_data
     from rlalign.models.builder import ReferenceModel, build_policy
     from rlalign.objectives import build_objective
-    from rlalign.trainer.runtime import Runtime
+    from rlalign.runtime import Runtime
 
     recipe = load_recipe(
         "recipes/test/tiny-grpo.yaml", [f"trainer.output_dir={tmp_path_factory.mktemp('grpo')}"]

@@ -46,7 +46,7 @@ from rlalign.data.collate import IGNORE, SFTCollator, encode_prompts
 from rlalign.models.builder import ReferenceModel, build_policy, load_base, vision_parameters
 from rlalign.models.families import IMAGE_ONLY_PROCESSORS
 from rlalign.objectives.xe import token_nll
-from rlalign.trainer.runtime import Runtime
+from rlalign.runtime import Runtime
 
 CORPUS = [
     "a red circle on the left", "two blue squares at the top", "a green triangle in the center",

@@ -96,7 +96,7 @@ def test_scst_step_with_greedy_baseline_by_hand(tmp_path):
     from rlalign.data import build_data
     from rlalign.models.builder import build_policy
     from rlalign.objectives import build_objective
-    from rlalign.trainer.runtime import Runtime
+    from rlalign.runtime import Runtime
 
     recipe = load_recipe("recipes/test/tiny-grpo.yaml", [f"trainer.output_dir={tmp_path}", "objective.name=scst",
                                                          "objective.scst.baseline=greedy", "objective.scst.num_samples=2",

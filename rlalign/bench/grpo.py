@@ -123,7 +123,7 @@ def run(args: list[str]) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from rlalign.config.schema import DistributedConfig
-    from rlalign.trainer.runtime import Runtime
+    from rlalign.runtime import Runtime
 
     runtime = Runtime.create(
         DistributedConfig()

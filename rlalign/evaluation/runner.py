@@ -113,7 +113,7 @@ class Generator:
 
     def __init__(self, args: argparse.Namespace):
         from rlalign.config.schema import DistributedConfig
-        from rlalign.trainer.runtime import Runtime
+        from rlalign.runtime import Runtime
 
         self.runtime = Runtime.create(DistributedConfig(backend="ddp"))
         self.model, self.processor = load_eval_model(args.model, args.dtype)

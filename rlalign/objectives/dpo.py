@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from rlalign.config.schema import DPOConfig
 from rlalign.data.preference import FIRST, PAD_SEGMENT, PROMPT, SECOND
 from rlalign.objectives.ref_cache import RefLogpCache
+from rlalign.ops import reduce_sequences, token_logprobs
 
 PACKING_KEYS = ("segment_ids", "pred_pos", "is_retrieved", "pair_keys", "attention_mask")
 
@@ -50,17 +51,11 @@ def sequence_logps(model: Any, batch: dict[str, Any], reduction: str, dtype: tor
     inputs = {k: v for k, v in batch.items() if k not in PACKING_KEYS}
     inputs["attention_mask"] = packed_mask(batch["segment_ids"], dtype)
     logits = model(**inputs, use_cache=False).logits  # (N, T, V)
-    seg, pred = batch["segment_ids"], batch["pred_pos"]
-    target = batch["input_ids"]
-    picked = logits.gather(
-        1, pred[..., None].expand(-1, -1, logits.shape[-1])
-    )  # logits predicting each token
-    logp_NT = picked.float().log_softmax(-1).gather(2, target[..., None]).squeeze(-1)
-    out = []
-    for s in (FIRST, SECOND):
-        mask = (seg == s).to(logp_NT.dtype)
-        total = (logp_NT * mask).sum(1)
-        out.append(total / mask.sum(1).clamp(min=1) if reduction == "mean" else total)
+    seg = batch["segment_ids"]
+    # the logits predicting each token: row n's position pred_pos[n, t] predicts input_ids[n, t]
+    picked = logits.gather(1, batch["pred_pos"][..., None].expand(-1, -1, logits.shape[-1]))
+    logp_NT = token_logprobs(picked, batch["input_ids"])
+    out = [reduce_sequences(logp_NT, seg == s, reduction) for s in (FIRST, SECOND)]
     return torch.stack(out, 1)
 
 

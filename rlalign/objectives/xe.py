@@ -10,25 +10,22 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from rlalign.config.schema import XEConfig
 from rlalign.data.collate import IGNORE
+from rlalign.ops import token_logprobs
+from rlalign.utils.tensors import model_inputs
 
-MODEL_INPUTS_SKIP = ("labels",)
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k not in MODEL_INPUTS_SKIP}
+OBJECTIVE_KEYS = ("labels",)
+"""Batch tensors the loss reads and the model's forward does not take."""
 
 
 def token_nll(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL of next-token prediction and the mask of positions that count."""
-    logits = logits_BTV[:, :-1].float()
     target = labels_BT[:, 1:]
     mask = target != IGNORE
-    nll = F.cross_entropy(logits.flatten(0, 1), target.clamp(min=0).flatten(), reduction="none")
-    return nll.view_as(target) * mask, mask
+    nll = -token_logprobs(logits_BTV[:, :-1], target.clamp(min=0))
+    return nll * mask, mask
 
 
 class XEObjective:
@@ -57,7 +54,7 @@ class XEObjective:
         items_per_micro: float,
         reference: Any = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(**model_inputs(batch)).logits
+        logits = model(**model_inputs(batch, OBJECTIVE_KEYS)).logits
         nll_BT, mask_BT = token_nll(logits, batch["labels"])
         if self.cfg.normalize == "token":
             total = nll_BT.sum()

@@ -18,8 +18,10 @@ import torch
 
 from rlalign.config.schema import RolloutConfig
 from rlalign.data.collate import TOKEN_ALIGNED
+from rlalign.ops import token_entropy, token_logprobs
 from rlalign.rewards.combined import CombinedReward
 from rlalign.rollout.sampling import completion_mask, greedy, row_seed, sample_groups
+from rlalign.utils.tensors import model_inputs, to_device
 
 BUFFER_KEYS = ("completion_mask", "advantages", "old_logp", "ref_logp")
 """Buffer tensors that are not model inputs."""
@@ -27,21 +29,15 @@ COLUMNS = ("image_ids", "refs", "objects")
 """Per-image batch columns handed (repeated per sample) to the rewards."""
 
 
-def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in BUFFER_KEYS}
-
-
 def completion_logprobs(
     model: Any, batch: dict, *, entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [N, L] (float32) of the completion tokens under `model` (temperature 1), and their entropy."""
-    logits = model(**model_inputs(batch)).logits
+    logits = model(**model_inputs(batch, BUFFER_KEYS)).logits
     length = batch["completion_mask"].shape[1]
-    logits = logits[:, -length - 1 : -1].float()
-    logp_all = logits.log_softmax(-1)
-    target = batch["input_ids"][:, -length:]
-    logp = logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1).detach() if entropy else None
+    logits = logits[:, -length - 1 : -1]
+    logp = token_logprobs(logits, batch["input_ids"][:, -length:])
+    ent = token_entropy(logits) if entropy else None
     return logp, ent
 
 
@@ -93,9 +89,7 @@ class RolloutEngine:
             was_training = bare.training
             bare.eval()
             for raw in window:
-                batch = {
-                    k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()
-                }
+                batch = to_device(raw, runtime.device)
                 seeds = [
                     row_seed(self.seed, step, iid, g) for iid in batch["image_ids"] for g in range(group_size)
                 ]
@@ -119,7 +113,8 @@ class RolloutEngine:
                 micro = _split(seqs, minibatches)
                 if old_logp:
                     for mb in micro:
-                        mb["old_logp"] = completion_logprobs(bare, mb)[0].detach()
+                        with torch.no_grad():
+                            mb["old_logp"] = completion_logprobs(bare, mb)[0]
                 buffer += micro
                 stats["reward"].append(total)
                 stats["adv"].append(adv.numpy())
@@ -134,12 +129,7 @@ class RolloutEngine:
         if reference is not None:
             with torch.no_grad():
                 for mb in buffer:
-                    logits = reference(**model_inputs(mb)).logits
-                    length = mb["completion_mask"].shape[1]
-                    logp_all = logits[:, -length - 1 : -1].float().log_softmax(-1)
-                    mb["ref_logp"] = logp_all.gather(-1, mb["input_ids"][:, -length:].unsqueeze(-1)).squeeze(
-                        -1
-                    )
+                    mb["ref_logp"] = completion_logprobs(reference, mb)[0]
         metrics = self._global_stats(runtime, stats, parts)
         metrics.update({"time/rollout_s": rollout_s, "time/reference_s": time.perf_counter() - started,
                         "rollout/param_gathers": float(runtime.param_gathers - gathers)})  # fmt: skip

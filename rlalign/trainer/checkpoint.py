@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlalign.config import Recipe, RecipeError, dump_recipe, recipe_to_dict
-from rlalign.trainer.runtime import Runtime
+from rlalign.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,13 @@ from rlalign.config import Recipe, RecipeError, dump_recipe, recipe_to_dict
 from rlalign.data import build_data
 from rlalign.models.builder import ReferenceModel, build_policy
 from rlalign.objectives import build_objective
-from rlalign.objectives.xe import model_inputs, token_nll
+from rlalign.objectives.xe import OBJECTIVE_KEYS, token_nll
+from rlalign.runtime import Runtime, StepOutcome
 from rlalign.tracking import make_tracker, wandb_mode
 from rlalign.trainer.checkpoint import Checkpointer, TrainState, data_order
 from rlalign.trainer.data import eval_shard, step_loader
 from rlalign.trainer.objective_eval import evaluate_objective
-from rlalign.trainer.runtime import Runtime, StepOutcome
+from rlalign.utils.tensors import model_inputs, to_device
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def optimizer_update(
     tokens = samples = skipped = 0
     loss_finite = True
     for batch in window:
-        batch = {k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, runtime.device)
         with runtime.accumulate(model):
             loss, metrics = objective.loss(model, batch, items_per_micro=items_per_micro, reference=reference)
             loss_finite = loss_finite and bool(torch.isfinite(loss.detach()).all())
@@ -191,8 +192,8 @@ def evaluate_nll(model, dataset, collate, runtime: Runtime, size: int, batch_siz
     for start in range(0, len(idx), batch_size):
         rows = [dataset[picks[i]] for i in idx[start : start + batch_size]]
         w = torch.tensor(weights[start : start + batch_size])
-        batch = {k: v.to(runtime.device) for k, v in collate(rows).items()}
-        nll_BT, mask_BT = token_nll(model(**model_inputs(batch)).logits, batch["labels"])
+        batch = to_device(collate(rows), runtime.device)
+        nll_BT, mask_BT = token_nll(model(**model_inputs(batch, OBJECTIVE_KEYS)).logits, batch["labels"])
         total += torch.stack([(nll_BT.sum(1).cpu() * w).sum(), (mask_BT.sum(1).cpu() * w).sum()]).double()
     model.train()
     total = runtime.all_reduce(total)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from rlalign.trainer.data import eval_shard
-from rlalign.trainer.runtime import Runtime
+from rlalign.runtime import Runtime
 
 
 @torch.no_grad()

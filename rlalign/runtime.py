@@ -95,6 +95,12 @@ class Runtime:
             backend = "single"
         return cls(accelerator=accelerator, backend=backend, cfg=cfg, grad_accum_steps=grad_accum_steps)
 
+    @classmethod
+    def for_tools(cls) -> Runtime:
+        """Ranks and collectives for work that trains nothing (pair building, embedding, evaluation): plain
+        data parallelism over whatever `accelerate launch` / torchrun started, one process otherwise."""
+        return cls.create(DistributedConfig(backend="ddp"))
+
     # -- who am I -------------------------------------------------------------------------------
     @property
     def world_size(self) -> int:
@@ -289,10 +295,10 @@ class Runtime:
         self.accelerator.wait_for_everyone()
 
     def all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Sum (or max) of a float64 tensor over ranks, on CPU or GPU alike."""
+        """Sum (or max) over ranks in float64, on CPU (gloo) and GPU (NCCL) alike; the result is on the CPU."""
         if self.world_size == 1:
-            return values
-        t = values.to(self.device, torch.float64 if self.device.type == "cpu" else torch.float32)
+            return values.to("cpu", torch.float64)
+        t = values.to(self.device, torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return t.to("cpu", torch.float64)
 

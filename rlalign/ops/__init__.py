@@ -1,0 +1,5 @@
+"""Numerical kernels every objective shares: token log-probs, entropy and their reductions."""
+
+from rlalign.ops.logprobs import masked_mean, reduce_sequences, token_entropy, token_logprobs
+
+__all__ = ["masked_mean", "reduce_sequences", "token_entropy", "token_logprobs"]

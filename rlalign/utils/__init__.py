@@ -1,0 +1,1 @@
+"""Small shared helpers with no rlalign imports: atomic file writes, device moves."""
