@@ -15,8 +15,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from rlalign.config import Recipe, RecipeError, load_recipe
+from rlalign.config import Recipe, RecipeError
 from rlalign.config.loader import LAUNCH_DIR, PACKAGE_DIR, RECIPES_DIR, resolve_recipe_path
+from rlalign.recipe import load_recipe
 
 BENCHES = {
     "cider": "rlalign.bench.cider",
@@ -94,7 +95,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from rlalign.objectives import OBJECTIVES
 
     if args.objectives:
-        for name in sorted(OBJECTIVES):
+        for name in OBJECTIVES.names():
             print(name)
         return 0
     print(f"recipes ({RECIPES_DIR}):")
@@ -183,19 +184,62 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_index_build(args: argparse.Namespace) -> int:
+def _pool_vectors(recipe: Recipe):
+    """The recipe's image pool embedded (sharded over the launched ranks, resumable): (embedder, vectors,
+    report, runtime)."""
+    from rlalign.pairs.builder import load_pool
+    from rlalign.retrieval.embed_store import Column, embed_pool
     from rlalign.retrieval.embedder import build_embedder
-    from rlalign.retrieval.pairs import INDEX_DIR, build_index, load_pool
+    from rlalign.runtime import Runtime
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    runtime = Runtime.for_tools()
     try:
         embedder, _, _ = build_embedder(recipe)
     except OSError as err:
         raise RecipeError(" ".join(str(err).split())) from None
+    if recipe.pairs.device == "auto":
+        embedder.tower.to(runtime.device)
+    vectors, report = embed_pool(embedder, Column(load_pool(recipe), "image"), runtime)
+    return embedder, vectors, report, runtime
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from rlalign.pairs.builder import INDEX_DIR, index_config, save_index
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    embedder, vectors, report, runtime = _pool_vectors(recipe)
     out = Path(args.out or Path(recipe.pairs.output_dir) / INDEX_DIR)
-    index = build_index(recipe.pairs, embedder, load_pool(recipe)["image"], out)
-    print(f"index: {index.count} images, dim {index.dim}, embedded {embedder.embedded} "
-          f"(cached {embedder.cache_hits}), fingerprint {embedder.fingerprint[:16]} -> {out}")  # fmt: skip
+    if runtime.is_main:
+        index = save_index(index_config(recipe.pairs), vectors, embedder.fingerprint, out)
+        print(
+            f"index: {index.count} images, dim {index.dim}, embedded {report.embedded_images} "
+            f"({report.images_per_s:.1f} images/s) in {len(report.embedded_shards)} of {report.shards} "
+            f"shards, fingerprint {embedder.fingerprint[:16]} -> {out}"
+        )
+    runtime.barrier()
+    return 0
+
+
+def cmd_index_tune(args: argparse.Namespace) -> int:
+    from rlalign.pairs.builder import INDEX_DIR
+    from rlalign.retrieval.tune import tune, write_report
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    _, vectors, _, runtime = _pool_vectors(recipe)
+    if not runtime.is_main:
+        return 0
+    out = Path(args.out or Path(recipe.pairs.output_dir) / INDEX_DIR)
+    try:
+        result = tune(vectors, recipe.pairs.index, k=args.k, n_queries=args.queries, reps=args.reps)
+    except ValueError as err:
+        raise RecipeError(f"index tune: {err}") from None
+    files = write_report(result, out)
+    chosen = result.chosen
+    print(
+        f"index tune: {chosen.label()}: recall@{result.k} {chosen.recall:.4f} (target {result.target_recall}), "
+        f"{chosen.queries_per_s:.0f} queries/s; table {files['table']}, plot {files['plot']}"
+    )
+    print("use: " + " ".join(result.overrides()))
     return 0
 
 
@@ -212,7 +256,7 @@ def cmd_index_query(args: argparse.Namespace) -> int:
 
 
 def cmd_pairs_build(args: argparse.Namespace) -> int:
-    from rlalign.retrieval.pairs import build_pairs
+    from rlalign.pairs.builder import build_pairs
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:
@@ -271,14 +315,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
     d.add_argument("--stages", nargs="+", default=None, help="run only these stages (default: all)")
     d.set_defaults(func=cmd_demo)
-    ix = sub.add_parser("index", help="image index: build (from a recipe), serve, query").add_subparsers(
-        dest="index_command", required=True
-    )
+    ix = sub.add_parser(
+        "index", help="image index: build (from a recipe), tune, serve, query"
+    ).add_subparsers(dest="index_command", required=True)
     ib = ix.add_parser("build", help="embed the recipe's image pool and save a vector index")
     ib.add_argument("recipe")
     ib.add_argument("overrides", nargs="*", help="a.b.c=value")
     ib.add_argument("--out", default=None, help="index folder (default: pairs.output_dir/index)")
     ib.set_defaults(func=cmd_index_build)
+    it = ix.add_parser(
+        "tune", help="sweep index settings on held-out pool queries; table + plot beside the index"
+    )
+    it.add_argument("recipe")
+    it.add_argument("overrides", nargs="*", help="a.b.c=value (pairs.index.target_recall sets the target)")
+    it.add_argument(
+        "--out", default=None, help="where tune.json/.md/.png go (default: pairs.output_dir/index)"
+    )
+    it.add_argument("--queries", type=int, default=500, help="held-out queries (at most a fifth of the pool)")
+    it.add_argument("--k", type=int, default=10)
+    it.add_argument("--reps", type=int, default=3, help="timed searches per setting (median)")
+    it.set_defaults(func=cmd_index_tune)
     # serve / query parse their own arguments (`rlalign index serve --help`)
     for name, func in (("serve", cmd_index_serve), ("query", cmd_index_query)):
         ip = ix.add_parser(name, help=f"{name} saved indexes (see `rlalign index {name} --help`)", add_help=False,

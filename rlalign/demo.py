@@ -26,10 +26,10 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rlalign.config import load_recipe  # noqa: E402
 from rlalign.config.loader import RECIPES_DIR  # noqa: E402
 from rlalign.evaluate import CaptionEval, diversity, evaluate_captioner, load_model  # noqa: E402
 from rlalign.models.builder import build_policy  # noqa: E402
+from rlalign.recipe import load_recipe  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,14 @@ class StepOutcome:
     """The loss on every rank and the gradient norm were finite."""
     applied: bool
     """The optimizer update happened."""
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    name: str
+    shape: tuple[int, ...]
+    local: torch.Tensor
+    replicated: bool
 
 
 @dataclass
@@ -290,6 +299,59 @@ class Runtime:
         else:
             yield model
 
+    # -- checkpoint state ----------------------------------------------------------------------
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The full (unsharded) model state dict on the main process; other ranks may get an empty dict.
+        A collective under ZeRO-3 and FSDP2: every rank calls it."""
+        if self.backend == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.backend == "deepspeed":
+            return self.accelerator.get_state_dict(model)
+        return self.unwrap(model).state_dict() if self.is_main else {}
+
+    def save_optimizer(self, model: torch.nn.Module, optimizer: Any, folder: Path) -> None:
+        """The optimizer's state into `folder` (DeepSpeed: its engine checkpoint under `deepspeed/`, which
+        holds the module too; otherwise `optimizer.pt`, full, from the main process). Every rank calls it."""
+        if self.backend == "deepspeed":
+            model.save_checkpoint(str(folder / "deepspeed"), tag="state")
+            return
+        if self.backend == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_optimizer_state_dict(model, optimizer, options=opts)
+        else:
+            state = optimizer.state_dict()
+        if self.is_main:
+            torch.save(state, folder / "optimizer.pt")
+
+    def load_training_state(self, model: torch.nn.Module, optimizer: Any, folder: Path) -> None:
+        """Model and optimizer state back from a checkpoint folder written by `model_state` (saved as
+        `model.safetensors`) and `save_optimizer`, onto this run's sharding."""
+        if self.backend == "deepspeed":
+            model.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=True)
+            return
+        from safetensors.torch import load_file
+
+        model_sd = load_file(str(folder / "model.safetensors"))
+        optim_sd = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+        if self.backend == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
+            # parameters that never got a gradient (e.g. an unused final norm) have no AdamW state
+            opts = StateDictOptions(full_state_dict=True, strict=False)
+            set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+        else:
+            self.unwrap(model).load_state_dict(model_sd)
+            optimizer.load_state_dict(optim_sd)
+
     # -- collectives ----------------------------------------------------------------------------
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -321,16 +383,40 @@ class Runtime:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def local_shards(self, model: torch.nn.Module) -> Iterator[ParamShard]:
+        """Every parameter as this rank holds it: its name (wrapper prefixes removed), its full shape, the
+        local piece (a ZeRO-3 partition, an FSDP2 DTensor's local shard, or the whole tensor) and whether
+        every rank holds the same whole tensor."""
+        for name, p in model.named_parameters():
+            name = name.removeprefix("module.")
+            if hasattr(p, "ds_tensor"):
+                yield ParamShard(name, tuple(p.ds_shape), p.ds_tensor, replicated=False)
+            elif hasattr(p, "to_local"):
+                yield ParamShard(name, tuple(p.shape), p.to_local(), replicated=False)
+            else:
+                yield ParamShard(name, tuple(p.shape), p, replicated=True)
+
+    def parameter_sums(self, model: torch.nn.Module, skip: Callable[[str], bool] = lambda name: False
+                       ) -> tuple[list[str], torch.Tensor]:  # fmt: skip
+        """(`name:shape` per parameter, float64 [P, 2] sums of x and x^2 over all ranks): the same numbers
+        under any number of ranks and any sharding (a replicated tensor counts once, from rank 0)."""
+        names, stats = [], []
+        for shard in self.local_shards(model):
+            if skip(shard.name):
+                continue
+            names.append(f"{shard.name}:{shard.shape}")
+            x = shard.local.detach().double().flatten()
+            if shard.replicated and self.rank != 0:
+                x = torch.zeros(0, dtype=torch.float64, device=x.device)
+            stats.append(torch.stack([x.sum(), (x * x).sum()]).cpu())
+        total = torch.stack(stats) if stats else torch.zeros(0, 2, dtype=torch.float64)
+        return names, self.all_reduce(total)
+
     def local_param_fraction(self, model: torch.nn.Module) -> float:
         """Share of all parameter elements this rank holds (≈ 1/world under ZeRO-3 and FSDP2)."""
         held = total = 0
-        for p in model.parameters():
-            if hasattr(p, "ds_numel"):
-                held, total = held + p.ds_tensor.numel(), total + p.ds_numel
-            elif hasattr(p, "to_local"):
-                held, total = held + p.to_local().numel(), total + p.numel()
-            else:
-                held, total = held + p.numel(), total + p.numel()
+        for shard in self.local_shards(model):
+            held, total = held + shard.local.numel(), total + math.prod(shard.shape)
         return held / max(total, 1)
 
     def model_kind(self, model: torch.nn.Module) -> str:

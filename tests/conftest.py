@@ -49,6 +49,17 @@ def rlalign(*args: str, **kw) -> subprocess.CompletedProcess:
     return run([str(BIN / "rlalign"), *args], **kw)
 
 
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """A refused command: exit 2, one `error:` line holding every needle, no traceback."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
 def accelerate_cmd(config: str, nproc: int, *target: str, port: int | None = None) -> list[str]:
     """`accelerate launch` with a shipped launch file on `nproc` CPU processes, running `target` (a script, or
     `-m module ...`)."""

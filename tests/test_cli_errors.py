@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import BIN, make_env
+from conftest import BIN, make_env, one_line_error
 from test_models import save_llava
 
 TINY_XE = "test/tiny-xe.yaml"  # shipped names resolve from any working directory
@@ -22,15 +22,6 @@ def rl(*args: str, cwd=None, env=None):
         timeout=300,
     )
 
-
-def one_line_error(proc, *needles: str) -> str:
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, rlalign
 
-from rlalign.config import RecipeError, load_recipe
+from rlalign.config import RecipeError
 from rlalign.config.loader import RECIPES_DIR
+from rlalign.recipe import load_recipe
 
 SHIPPED = sorted(RECIPES_DIR.rglob("*.yaml"))
 

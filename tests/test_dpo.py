@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlalign.config.schema import DataConfig, DPOConfig, RDPOConfig, TinyModelConfig
+from rlalign.config.schema import DataConfig, TinyModelConfig
 from rlalign.data.preference import BadRowError, PreferenceCollator, PreferencePairs, shapes_preferences
 from rlalign.data.shapes import ShapesConfig
 from rlalign.models.tiny import build_tiny_llava
-from rlalign.objectives.dpo import DPOObjective, sequence_logps
-from rlalign.objectives.rdpo import RDPOObjective, rdpo_terms
+from rlalign.objectives.dpo import DPOConfig, DPOObjective, sequence_logps
+from rlalign.objectives.rdpo import RDPOConfig, RDPOObjective, rdpo_terms
 from rlalign.objectives.ref_cache import pair_cache_keys
 
 SHAPES = ShapesConfig(image_size=48)
@@ -54,11 +54,12 @@ class Ref:
         return self.model(**inputs)
 
 
-class _Runtime:
-    rank, world_size = 0, 1
+def _Runtime():
+    """A real single-process runtime (what a one-process run uses)."""
+    from rlalign.config.schema import DistributedConfig
+    from rlalign.runtime import Runtime
 
-    def all_reduce(self, t):
-        return t
+    return Runtime.create(DistributedConfig(backend="single"))
 
 
 def test_packed_logps_equal_separate_sequences(tiny, table):

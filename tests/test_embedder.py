@@ -4,17 +4,19 @@ on real (shapes, vision-tower) embeddings."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT
 
-from rlalign.config import load_recipe
+from rlalign.config.pairs import EmbedderConfig
 from rlalign.config.schema import ModelConfig, TinyModelConfig
 from rlalign.data.captions import shapes_dataset
 from rlalign.data.shapes import ShapesConfig
 from rlalign.models.builder import load_base
-from rlalign.retrieval.config import EmbedderConfig
+from rlalign.recipe import load_recipe
 from rlalign.retrieval.embedder import ImageEmbedder
 from rlalign.retrieval.index import IndexConfig, VectorIndex, recall_at_k
 
@@ -81,10 +83,8 @@ def test_demo_index_choice_recall_on_shapes_embeddings():
     embed = ImageEmbedder(model, processor, EmbedderConfig(cache_dir=None, batch_size=128))
     vectors = embed.embed(shapes_dataset(ShapesConfig(), "train", 2000)["image"])
     queries = embed.embed(shapes_dataset(ShapesConfig(), "val", 200)["image"])
-    s = recipe.pairs.index
     ids = np.arange(len(vectors))
-    approx = VectorIndex.build(vectors, ids, IndexConfig(kind=s.kind, hnsw_m=s.hnsw_m, ef_construction=s.ef_construction,
-                                                         ef_search=s.ef_search, nlist=s.nlist, nprobe=s.nprobe, device="cpu"))  # fmt: skip
+    approx = VectorIndex.build(vectors, ids, dataclasses.replace(recipe.pairs.index, device="cpu"))
     exact = VectorIndex.build(vectors, ids, IndexConfig(kind="flat", device="cpu"))
     recall = recall_at_k(approx.search(queries, 10)[1], exact.search(queries, 10)[1])
     assert recall >= 0.95, recall

@@ -8,9 +8,9 @@ from conftest import TINY, rlalign
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from rlalign.config import load_recipe
 from rlalign.data import build_data
 from rlalign.models.builder import build_policy
+from rlalign.recipe import load_recipe
 
 
 def test_lora_export_equals_unmerged_adapter_model(tmp_path):

@@ -12,8 +12,8 @@ import torch
 from conftest import metrics, rlalign
 from safetensors.torch import load_file
 
-from rlalign.config import load_recipe
 from rlalign.objectives.grpo import grpo_token_loss, reduce_loss
+from rlalign.recipe import load_recipe
 from rlalign.rollout.advantage import group_normalized
 from rlalign.rollout.engine import RolloutEngine
 

@@ -199,7 +199,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_config_checks():
-    with pytest.raises(ValueError, match=r"kind must be one of \['flat', 'ivf', 'hnsw'\]"):
+    with pytest.raises(ValueError, match=r"kind must be one of \['flat', 'ivf', 'ivfpq', 'hnsw'\]"):
         IndexConfig(kind="annoy")
     with pytest.raises(ValueError, match=r"nprobe \(32\) cannot exceed nlist \(16\)"):
         IndexConfig(kind="ivf", nlist=16, nprobe=32)

@@ -1,7 +1,7 @@
 """The model layer on real HF VLM families and every model option, offline.
 
-Tiny random-weight Llava, Qwen2-VL, Qwen2.5-VL and Idefics3 checkpoints (with tokenizers trained here
-and Pillow image processors) are written to disk the way the hub ships them and loaded through
+Tiny random-weight Llava, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Idefics3 checkpoints (tests/families.py:
+tokenizers trained there, Pillow image processors) are written to disk the way the hub ships them and loaded through
 `load_base` / `build_policy`; the built-in tiny Llava covers dtype, gradient checkpointing, frozen
 vision, LoRA, the reference handle, save/load and seeding.
 """
@@ -17,28 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    Idefics3Config,
-    Idefics3ForConditionalGeneration,
-    Idefics3ImageProcessorPil,
-    Idefics3Processor,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessorPil,
-)
+from families import FAMILIES, PROMPTS, RESPONSES, images, rows
+from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import is_torchvision_available
 
 from rlalign.config.schema import DataConfig, DistributedConfig, LoraConfig, ModelConfig, TinyModelConfig
@@ -48,167 +28,15 @@ from rlalign.models.families import IMAGE_ONLY_PROCESSORS
 from rlalign.objectives.xe import token_nll
 from rlalign.runtime import Runtime
 
-CORPUS = [
-    "a red circle on the left", "two blue squares at the top", "a green triangle in the center",
-    "describe the image", "what is in the picture", "a yellow diamond near the bottom right",
-]  # fmt: skip
-PROMPTS = ["describe the image", "what is in the picture"]
-RESPONSES = ["a red circle on the left", "two blue squares"]
-
-
-def images() -> list[Image.Image]:
-    """Two pictures of different sizes (Qwen2-VL gives them different numbers of image tokens)."""
-    a = Image.new("RGB", (40, 32), (16, 16, 24))
-    ImageDraw.Draw(a).ellipse((4, 4, 20, 20), fill=(220, 40, 40))
-    b = Image.new("RGB", (32, 48), (16, 16, 24))
-    ImageDraw.Draw(b).rectangle((8, 20, 28, 40), fill=(50, 90, 230))
-    return [a, b]
-
-
-def rows() -> list[dict]:
-    return [{"image": im, "prompt": p, "response": r} for im, p, r in zip(images(), PROMPTS, RESPONSES)]
-
-
-def bpe(specials: list[str], **roles: str) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on CORPUS; `specials` get the first ids, `roles` name bos/eos/pad/unk."""
-    tok = Tokenizer(models.BPE(unk_token=roles["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **roles)
-
-
-# -- tiny checkpoints of real families, saved as the hub ships them ----------------------------------
-
-LLAVA_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} {% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-QWEN_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-IDEFICS3_TEMPLATE = (
-    "<|begin_of_text|>{% for message in messages %}{{ message['role'] | capitalize }}:"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
-    "{% elif line['type'] == 'image' %}<image>{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-
-def save_llava(path: Path) -> None:
-    tok = bpe(["<pad>", "<s>", "</s>", "<unk>", "<image>"], pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-              unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})  # fmt: skip
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, num_additional_image_tokens=1,
-                               vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE)  # fmt: skip
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                       image_size=32, patch_size=8),
-        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16, vision_feature_layer=-1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    processor.save_pretrained(path)
-
-
-def qwen_tokenizer() -> PreTrainedTokenizerFast:
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                "<|video_pad|>", "<unk>"]  # fmt: skip
-    return bpe(specials, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>")
-
-
-def qwen_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
-    ids = tok.convert_tokens_to_ids
-    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))  # fmt: skip
-
-
-def save_qwen_parts(path: Path, tok: PreTrainedTokenizerFast) -> None:
-    """Tokenizer, preprocessor_config.json and chat template, as on the hub (no processor object:
-    the stock Qwen2-VL processor cannot be constructed without torchvision)."""
-    tok.save_pretrained(path)
-    # patch 4, merge 2: a 40x32 image is 10x8 patches = 20 image tokens, a 32x48 one 24.
-    Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=4096,
-                             image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)  # fmt: skip
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_TEMPLATE}))
-
-
-def save_qwen2_vl(path: Path) -> None:
-    tok = qwen_tokenizer()
-    config = Qwen2VLConfig(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        **qwen_ids(tok),
-    )  # fmt: skip
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
-    save_qwen_parts(path, tok)
-
-
-def save_qwen2_5_vl(path: Path) -> None:
-    tok = qwen_tokenizer()
-    config = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
-                           fullatt_block_indexes=[0]),
-        **qwen_ids(tok),
-    )  # fmt: skip
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
-    save_qwen_parts(path, tok)
-
-
-def save_idefics3(path: Path) -> None:
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<unk>", "<fake_token_around_image>", "<image>", "<global-img>",
-                "<end_of_utterance>"]  # fmt: skip
-    tok = bpe(specials, bos_token="<|begin_of_text|>", pad_token="<|end_of_text|>", eos_token="<end_of_utterance>",
-              unk_token="<unk>")  # fmt: skip
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
-                                                do_image_splitting=False)  # fmt: skip
-    # image 32, patch 8: 16 patches, pixel-shuffled by scale_factor 2 into 4 image tokens.
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
-                                  chat_template=IDEFICS3_TEMPLATE)  # fmt: skip
-    config = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id),
-        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    Idefics3ForConditionalGeneration(config).save_pretrained(path)
-    processor.save_pretrained(path)
-
-
-FAMILIES = {
-    "llava": save_llava,
-    "qwen2_vl": save_qwen2_vl,
-    "qwen2_5_vl": save_qwen2_5_vl,
-    "idefics3": save_idefics3,
+# Image tokens per prompt for the two images() (Qwen: dynamic resolution, LLaVA-NeXT: tiles of the best
+# grid resolution plus a newline per row, the others: fixed).
+IMAGE_TOKENS = {
+    "llava": [16, 16],
+    "llava_next": [44, 46],
+    "qwen2_vl": [20, 24],
+    "qwen2_5_vl": [20, 24],
+    "idefics3": [4, 4],
 }
-# Image tokens per prompt for the two images() (Qwen: dynamic resolution, the others: fixed).
-IMAGE_TOKENS = {"llava": [16, 16], "qwen2_vl": [20, 24], "qwen2_5_vl": [20, 24], "idefics3": [4, 4]}
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +80,13 @@ def vision_and_text(model: torch.nn.Module) -> tuple[set[str], set[str]]:
 def test_family_processor_loads_offline(checkpoints, family):
     """Without torchvision, the Qwen families get their stock processor class minus the video half."""
     _, processor = load_base(ModelConfig(name_or_path=str(checkpoints[family])))
-    expected = {"llava": "LlavaProcessor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                "idefics3": "Idefics3Processor"}[family]  # fmt: skip
+    expected = {
+        "llava": "LlavaProcessor",
+        "llava_next": "LlavaNextProcessor",
+        "qwen2_vl": "Qwen2VLProcessor",
+        "qwen2_5_vl": "Qwen2_5_VLProcessor",
+        "idefics3": "Idefics3Processor",
+    }[family]
     assert type(processor).__name__ == expected
     if is_torchvision_available():
         return
@@ -339,8 +172,14 @@ def test_family_generate_continues_prompt_greedily(checkpoints, family):
     tok = processor.tokenizer
     with torch.no_grad():
         logits = model(**enc).logits[:, -1]
-        out = model.generate(**enc, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+        out = model.generate(
+            **enc,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
     width = enc["input_ids"].shape[1]
     assert out.shape == (2, width + 3)
     assert torch.equal(out[:, :width], enc["input_ids"])
@@ -354,9 +193,14 @@ def test_family_bf16_and_freeze_vision(checkpoints, family):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     policy, _ = build_policy(ModelConfig(name_or_path=str(checkpoints[family]), freeze_vision=True))
     vision, text = vision_and_text(policy)
-    vision_prefix = {"llava": ("model.vision_tower.", "model.multi_modal_projector."), "qwen2_vl": ("model.visual.",),
-                     "qwen2_5_vl": ("model.visual.",),
-                     "idefics3": ("model.vision_model.", "model.connector.")}[family]  # fmt: skip
+    llava = ("model.vision_tower.", "model.multi_modal_projector.")
+    vision_prefix = {
+        "llava": llava,
+        "llava_next": llava,
+        "qwen2_vl": ("model.visual.",),
+        "qwen2_5_vl": ("model.visual.",),
+        "idefics3": ("model.vision_model.", "model.connector."),
+    }[family]
     assert vision == {n for n, _ in policy.named_parameters() if n.startswith(vision_prefix)}
     assert {n for n, p in policy.named_parameters() if p.requires_grad} == text
 

@@ -12,8 +12,7 @@ from PIL import Image
 from rlalign.config.schema import ModelConfig, TinyModelConfig
 from rlalign.data.shapes import ShapesConfig, make_item
 from rlalign.models.builder import load_base
-from rlalign.retrieval.pair_report import pair_stats, render_pairs
-from rlalign.retrieval.pairs import (
+from rlalign.pairs.builder import (
     Slot,
     TfidfSentences,
     mask_template,
@@ -21,6 +20,7 @@ from rlalign.retrieval.pairs import (
     shapes_vocabulary,
     template_string,
 )
+from rlalign.pairs.report import pair_stats, render_pairs
 
 VOCAB = shapes_vocabulary()
 

@@ -25,13 +25,14 @@ import torch
 from conftest import ROOT, TINY, accelerate_cmd, make_env, rlalign
 from datasets import Dataset
 
-from rlalign.config import RecipeError, load_recipe
+from rlalign.config import RecipeError
 from rlalign.data.captions import shapes_dataset
 from rlalign.data.shapes import ShapesConfig
-from rlalign.retrieval import pairs
+from rlalign.pairs import builder
+from rlalign.pairs.builder import build_pairs
+from rlalign.pairs.store import manifest_difference, manifest_digest, pool_fingerprint, shard_problem
+from rlalign.recipe import load_recipe
 from rlalign.retrieval.embedder import build_embedder
-from rlalign.retrieval.pair_store import manifest_difference, manifest_digest, pool_fingerprint, shard_problem
-from rlalign.retrieval.pairs import build_pairs
 
 SETTINGS = ["trainer.output_dir=unused", "pairs.pool_size=32", "pairs.shard_size=4", "pairs.top_k=3"]
 N_SHARDS = 8
@@ -221,7 +222,7 @@ def test_index_over_another_pool_is_rebuilt(reference, tmp_path):
     out = tmp_path / "out"
     small = load_recipe(ROOT / TINY, _overrides(out, reference / "cache", "pairs.pool_size=16"))
     embedder, _, _ = build_embedder(small)
-    pairs.build_index(small.pairs, embedder, pairs.load_pool(small)["image"], out / "index")
+    builder.build_index(small.pairs, embedder, builder.load_pool(small)["image"], out / "index")
     assert json.loads((out / "index" / "meta.json").read_text())["count"] == 16
     build_pairs(load_recipe(ROOT / TINY, _overrides(out, reference / "cache")))
     assert json.loads((out / "index" / "meta.json").read_text())["count"] == 32
@@ -263,7 +264,7 @@ def test_damaged_shards_are_rebuilt(reference, tmp_path, caplog):
     assert _whole_shards(out) == [0, 1, 3, 4, 7]
     kept = {s: _shard(out, s).stat().st_mtime_ns for s in (0, 1, 3, 4, 7)}
 
-    with caplog.at_level(logging.WARNING, logger="rlalign.retrieval.pairs"):
+    with caplog.at_level(logging.WARNING, logger="rlalign.pairs.builder"):
         build_pairs(load_recipe(ROOT / TINY, _overrides(out, reference / "cache")))
     assert [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()] == [
         f"pairs: rebuilding {_shard(out, 2)}: {whole // 2} bytes, {whole} recorded",
@@ -282,7 +283,7 @@ def test_shard_damaged_during_the_run_is_rebuilt_before_assembly(reference, tmp_
     out = _copy(reference, tmp_path)
     _stop_after_two_shards(out)
     first, whole = _shard(out, 0), _shard(out, 0).stat().st_size
-    write = pairs._write_shard
+    write = builder._write_shard
 
     def write_then_damage(b, s: int) -> None:
         write(b, s)
@@ -290,8 +291,8 @@ def test_shard_damaged_during_the_run_is_rebuilt_before_assembly(reference, tmp_
             first.write_bytes(first.read_bytes()[:100])
             assert first.stat().st_size == 100 < whole
 
-    monkeypatch.setattr(pairs, "_write_shard", write_then_damage)
-    with caplog.at_level(logging.WARNING, logger="rlalign.retrieval.pairs"):
+    monkeypatch.setattr(builder, "_write_shard", write_then_damage)
+    with caplog.at_level(logging.WARNING, logger="rlalign.pairs.builder"):
         build_pairs(load_recipe(ROOT / TINY, _overrides(out, reference / "cache")))
     assert [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()] == [
         f"pairs: rebuilding {first}: 100 bytes, {whole} recorded"

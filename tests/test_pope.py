@@ -19,9 +19,9 @@ from PIL import Image
 from rlalign.config import RecipeError
 from rlalign.config.schema import TinyModelConfig
 from rlalign.data.shapes import ShapesConfig, make_item
-from rlalign.data.shapes_pope import ShapesPopeConfig, sample_questions, write_shapes_pope
 from rlalign.evaluation.pope import normalize_answer, score
 from rlalign.evaluation.runner import load_eval_model, main_eval, shard_bounds
+from rlalign.evaluation.shapes_pope import ShapesPopeConfig, sample_questions, write_shapes_pope
 
 
 @pytest.fixture(autouse=True)
@@ -399,9 +399,9 @@ def test_two_ranks_give_the_single_rank_answers(tmp_path, tiny_model, shapes_pop
 
 
 def test_training_checkpoint_loads_with_its_weights(tmp_path):
-    from rlalign.config import load_recipe
     from rlalign.config.loader import dump_recipe
     from rlalign.models.builder import build_policy
+    from rlalign.recipe import load_recipe
     from rlalign.trainer.checkpoint import save_tensors
 
     recipe = load_recipe("recipes/test/tiny-xe.yaml")

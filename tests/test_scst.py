@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from rlalign.config import load_recipe
 from rlalign.config.schema import RewardConfig
 from rlalign.objectives.grpo import reduce_loss
 from rlalign.objectives.scst import scst_token_loss
+from rlalign.recipe import load_recipe
 from rlalign.rewards.combined import CombinedReward, hallucination_penalty
 from rlalign.rollout.advantage import greedy_baseline, leave_one_out
 

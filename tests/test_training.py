@@ -31,9 +31,9 @@ def test_accumulation_invariance(tmp_path, single_run):
 def first_step_hf_losses(per_device_batch_size: int) -> tuple[float, float]:
     """HF's own loss (`labels=`) on the run's first global batch under the initial weights: mean over all
     response tokens (token normalisation) and mean over rows of each row's token mean (sequence)."""
-    from rlalign.config import load_recipe
     from rlalign.data import build_data
     from rlalign.models.builder import build_policy
+    from rlalign.recipe import load_recipe
     from rlalign.trainer.data import step_loader
 
     recipe = load_recipe(TINY)

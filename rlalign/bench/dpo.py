@@ -21,12 +21,12 @@ import time
 
 import torch
 
-from rlalign.config.schema import DataConfig, DPOConfig, RDPOConfig, TinyModelConfig
+from rlalign.config.schema import DataConfig, TinyModelConfig
 from rlalign.data.preference import PreferenceCollator, PreferencePairs, shapes_preferences
 from rlalign.data.shapes import ShapesConfig
 from rlalign.models.tiny import build_tiny_llava
-from rlalign.objectives.dpo import DPOObjective
-from rlalign.objectives.rdpo import RDPOObjective
+from rlalign.objectives.dpo import DPOConfig, DPOObjective
+from rlalign.objectives.rdpo import RDPOConfig, RDPOObjective
 
 
 class _Ref:

@@ -27,7 +27,7 @@ CHAT = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'i
 
 
 def _recipe(a: argparse.Namespace, out: str):
-    from rlalign.config import load_recipe
+    from rlalign.recipe import load_recipe
 
     return load_recipe("recipes/test/tiny-grpo.yaml", [
         f"trainer.output_dir={out}", f"trainer.per_device_batch_size={a.images}", f"objective.grpo.group_size={a.group}",
@@ -47,7 +47,7 @@ def ours(a: argparse.Namespace, runtime) -> tuple[float, float]:
     from rlalign.data import build_data
     from rlalign.models.builder import ReferenceModel
     from rlalign.objectives import build_objective
-    from rlalign.trainer.loop import make_scheduler, train_step
+    from rlalign.trainer.loop import StepContext, make_scheduler, train_step
 
     recipe = _recipe(a, tempfile.mkdtemp())
     model, processor = _model(recipe)
@@ -56,13 +56,14 @@ def ours(a: argparse.Namespace, runtime) -> tuple[float, float]:
     data = build_data(objective.data_kind, recipe, processor)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.optim.lr)
     sched = make_scheduler(opt, recipe)
+    ctx = StepContext(model, objective, opt, sched, runtime, reference, max_grad_norm=1.0)
     times, lengths = [], []
     for step in range(a.steps + 1):
         window = [
             data.collate([data.train[(step * a.images + i) % len(data.train)] for i in range(a.images)])
         ]
         t0 = time.perf_counter()
-        m = train_step(model, objective, window, opt, sched, runtime, reference, 1.0, step)
+        m = train_step(ctx, window, step)
         times.append(time.perf_counter() - t0)
         lengths.append(m["gen_length_mean"])
     return a.images * a.group / statistics.mean(times[1:]), statistics.mean(lengths)

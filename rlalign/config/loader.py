@@ -148,13 +148,19 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise RecipeError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    open_sections = getattr(cls, "OPEN_SECTIONS", None)
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
+        if open_sections and key not in fields and isinstance(value, dict | None):
+            kwargs.setdefault(open_sections, {})[key] = value or {}
+            continue
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(fields)})"
             raise RecipeError(f"{path}: unknown key{hint}")
+        if key == open_sections:
+            raise RecipeError(f"{path}: unknown key (write the sections directly under {where or 'the top'})")
         kwargs[key] = _convert(value, hints[key], path)
     for name, f in fields.items():
         path = f"{where}.{name}" if where else name
@@ -171,13 +177,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise RecipeError(f"{where or 'recipe'}: {err}") from None
 
 
-def _check_references(recipe: Recipe) -> None:
-    from rlalign.objectives import OBJECTIVES
+def build_section(cls: type, data: Any, where: str) -> Any:
+    """A config dataclass from a recipe mapping; errors are one `RecipeError` line naming `where.key`."""
+    return _build(cls, data, where)
 
-    if recipe.objective.name not in OBJECTIVES:
-        raise RecipeError(
-            f"objective.name: unknown objective '{recipe.objective.name}' (valid: {', '.join(sorted(OBJECTIVES))})"
-        )
+
+def _check_references(recipe: Recipe) -> None:
     local = recipe.data.source == "local" and recipe.data.path.startswith(("/", ".", "~"))
     if (
         local and not Path(recipe.data.path).expanduser().exists()
@@ -188,8 +193,9 @@ def _check_references(recipe: Recipe) -> None:
         raise RecipeError(f"model.name_or_path: directory not found: {name}")
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, inherit, override, type-check and validate a recipe."""
+def read_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, inherit, override, type-check and validate a recipe, all but the plug-in sections (the objective's
+    settings stay raw in `objective.sections`: `rlalign.recipe.load_recipe` resolves them)."""
     file = resolve_recipe_path(str(path))
     tree = _read_yaml(file)
     for override in overrides:
@@ -203,8 +209,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The resolved recipe as plain data (saved beside checkpoints, sent to the tracker)."""
-    return dataclasses.asdict(recipe)
+    """The resolved recipe as plain data (saved beside checkpoints, sent to the tracker), in the recipe's
+    own layout: objective sections sit under `objective` by name."""
+    tree = dataclasses.asdict(recipe)
+    objective = tree["objective"]
+    objective.pop("settings")
+    objective.update(objective.pop("sections"))
+    return tree
 
 
 def dump_recipe(recipe: Recipe) -> str:

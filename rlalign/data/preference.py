@@ -13,15 +13,18 @@ is dropped and counted in the log. The dataset keeps text and image hashes; imag
 table's cells on each access (see `rlalign.data.images`).
 
 Packing (`PreferenceCollator`): one row holds [prompt with image | chosen | rejected]; chosen and
-rejected both attend to the prompt but not to each other (a 4D mask) and both start at the same
-position ids. So the image is encoded once and the prompt (image tokens included) runs once for the
-pair, through the model's ordinary root forward (pixel_values + input_ids), which keeps DDP,
-ZeRO-2/3 and FSDP2 hooks intact. rDPO adds one row [prompt with retrieved image | chosen] per pair.
+rejected both attend to the prompt but not to each other (a 4D mask) and both get the positions of the
+unpacked sequence prompt + response (1-D, or the family's M-RoPE positions: `rlalign.models.packing`).
+So the image is encoded once and the prompt (image tokens included) runs once for the pair, through
+the model's ordinary root forward (pixel_values + input_ids), which keeps DDP, ZeRO-2/3 and FSDP2 hooks
+intact. rDPO adds one row [prompt with retrieved image | chosen] per pair. A family that does not pack
+gets one row per response instead (said in the log; `PreferenceCollator.packed` is False).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -32,11 +35,15 @@ from torch.utils.data import Dataset as TorchDataset
 
 from rlalign.config.schema import DataConfig
 from rlalign.data.captions import FILE_KINDS, read_data_file, scan_rows
-from rlalign.data.collate import encode_prompts
+from rlalign.data.collate import TOKEN_ALIGNED, encode_prompts
 from rlalign.data.images import BadRowError, CellError, ImageReader, bad_row, in_column
 from rlalign.data.shapes import COLORS, SHAPE_WORDS, ShapesConfig, make_item
+from rlalign.models.packing import packs_preferences
+from rlalign.models.vision_inputs import take_rows
 
 __all__ = ["BadRowError", "PreferenceCollator", "PreferencePairs", "load_preferences", "shapes_preferences"]
+
+log = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 PAD_SEGMENT, PROMPT, FIRST, SECOND = -1, 0, 1, 2
@@ -231,14 +238,36 @@ def load_preferences(
 
 # -- collation ------------------------------------------------------------------------------------
 class PreferenceCollator:
-    """Pairs -> packed rows. Output: `input_ids`, `attention_mask` (2D, real tokens), `position_ids`,
+    """Pairs -> model rows. Output: `input_ids`, `attention_mask` (2D, real tokens), `position_ids`,
     `segment_ids` (-1 pad, 0 prompt, 1 first response, 2 second response), `pred_pos` (position whose
-    logits predict each token), the processor's pixel inputs (one image per row), `is_retrieved`
-    (rows of the visual term) and `pair_keys` (cache keys: image hashes + token ids)."""
+    logits predict each token), the processor's pixel inputs and token-aligned outputs (e.g.
+    `mm_token_type_ids`) laid out like `input_ids`, `logp_row` (which log-prob row each model row
+    fills), `is_retrieved` (log-prob rows of the visual term) and `pair_keys` (cache keys: image hashes
+    + token ids).
 
-    def __init__(self, processor: Any, max_response_tokens: int, max_length: int | None, *, retrieved: bool):
+    Log-prob rows are the pairs (chosen, rejected), then with rDPO the retrieved-image rows (chosen).
+    Packed (families of `rlalign.models.packing.PACKED_PROCESSORS`, unless `packed=False`): one model row
+    per log-prob row, [prompt | first | second]. Unpacked: one model row per response, [prompt | response],
+    first responses of every log-prob row, then the second ones; each row's image inputs repeated."""
+
+    def __init__(
+        self,
+        processor: Any,
+        max_response_tokens: int,
+        max_length: int | None,
+        *,
+        retrieved: bool,
+        packed: bool | None = None,
+    ):
         self.processor, self.tok = processor, processor.tokenizer
         self.max_response_tokens, self.max_length, self.retrieved = max_response_tokens, max_length, retrieved
+        self.packed = packs_preferences(processor) if packed is None else packed
+        if not self.packed:
+            log.warning(
+                "%s: preference pairs are not packed for this family: each response is its own row and "
+                "its image is encoded once per response",
+                type(processor).__name__,
+            )
 
     def _response(self, ids: list[int], room: int) -> list[int]:
         return ids[: max(0, min(self.max_response_tokens, room - 1))] + [self.tok.eos_token_id]
@@ -249,7 +278,8 @@ class PreferenceCollator:
         )
         prompts = [p["prompt"] for p in pairs] * (2 if self.retrieved else 1)
         enc = encode_prompts(self.processor, images, prompts)
-        prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+        real = enc["attention_mask"].bool()
+        prompt_ids = [ids[m].tolist() for ids, m in zip(enc["input_ids"], real)]
         chosen = self.tok([p["chosen"] for p in pairs], add_special_tokens=False)["input_ids"]
         rejected = self.tok([p["rejected"] for p in pairs], add_special_tokens=False)["input_ids"]
         rows, keys = [], []
@@ -265,35 +295,55 @@ class PreferenceCollator:
                 if self.retrieved:
                     h.update(pairs[i]["retrieved_image_hash"].encode())
                 keys.append(h.hexdigest())
-        width = max(len(p) + len(c) + len(r) for p, c, r in rows)
-        out = {
-            name: torch.full((len(rows), width), fill, dtype=torch.long)
-            for name, fill in (
-                ("input_ids", self.tok.pad_token_id),
-                ("attention_mask", 0),
-                ("position_ids", 0),
-                ("segment_ids", PAD_SEGMENT),
-                ("pred_pos", 0),
-            )
-        }
-        for n, (p, c, r) in enumerate(rows):
-            P, C, R = len(p), len(c), len(r)
-            out["input_ids"][n, : P + C + R] = torch.tensor(p + c + r)
-            out["attention_mask"][n, : P + C + R] = 1
-            out["position_ids"][n, : P + C + R] = torch.tensor(
-                [*range(P), *range(P, P + C), *range(P, P + R)]
-            )
-            out["segment_ids"][n, : P + C + R] = torch.tensor([PROMPT] * P + [FIRST] * C + [SECOND] * R)
-            # token t of a response is predicted at t-1, its first token at the prompt's last position
-            out["pred_pos"][n, P : P + C] = torch.arange(P - 1, P + C - 1)
-            out["pred_pos"][n, P + C : P + C + R] = torch.tensor([P - 1, *range(P + C, P + C + R - 1)][:R])
-        for key, value in enc.items():
-            if key not in ("input_ids", "attention_mask"):
-                if isinstance(value, torch.Tensor) and value.shape == enc["input_ids"].shape:
-                    raise ValueError(
-                        f"processor output '{key}' is token-aligned: not supported by packed preferences"
-                    )
-                out[key] = value
+        if self.packed:
+            seqs = [(j, p, c, r) for j, (p, c, r) in enumerate(rows)]
+        else:
+            firsts = [(j, p, c, []) for j, (p, c, _) in enumerate(rows)]
+            seqs = firsts + [(j, p, [], r) for j, (p, _, r) in enumerate(rows) if r]
+        out = _layout(seqs, self.tok.pad_token_id)
+        source = [j for j, *_ in seqs]
+        per_image = take_rows({k: v for k, v in enc.items() if k not in TOKEN_ALIGNED}, source)
+        for key, value in per_image.items():
+            if key in ("input_ids", "attention_mask"):
+                continue
+            if isinstance(value, torch.Tensor) and value.shape == (len(seqs), enc["input_ids"].shape[1]):
+                raise ValueError(
+                    f"processor output '{key}' has one value per prompt token: add it to TOKEN_ALIGNED"
+                )
+            out[key] = value
+        for key, fill in TOKEN_ALIGNED.items():
+            if key in enc:
+                values = [v[m].tolist() for v, m in zip(enc[key], real)]
+                out[key] = torch.full_like(out["input_ids"], fill)
+                for n, j in enumerate(source):
+                    out[key][n, : len(values[j])] = torch.tensor(values[j])
+        out["logp_row"] = source  # a list: not a model input, not part of the cache keys
         out["is_retrieved"] = torch.arange(len(rows)) >= len(pairs)
         out["pair_keys"] = keys
         return out
+
+
+def _layout(seqs: list[tuple[int, list[int], list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token tensors of the model rows (source, prompt, first, second): right-padded; both responses
+    start at the prompt's length and are predicted from the prompt's last position onwards."""
+    width = max(len(p) + len(c) + len(r) for _, p, c, r in seqs)
+    out = {
+        name: torch.full((len(seqs), width), fill, dtype=torch.long)
+        for name, fill in (
+            ("input_ids", pad_id),
+            ("attention_mask", 0),
+            ("position_ids", 0),
+            ("segment_ids", PAD_SEGMENT),
+            ("pred_pos", 0),
+        )
+    }
+    for n, (_, p, c, r) in enumerate(seqs):
+        P, C, R = len(p), len(c), len(r)
+        out["input_ids"][n, : P + C + R] = torch.tensor(p + c + r)
+        out["attention_mask"][n, : P + C + R] = 1
+        out["position_ids"][n, : P + C + R] = torch.tensor([*range(P), *range(P, P + C), *range(P, P + R)])
+        out["segment_ids"][n, : P + C + R] = torch.tensor([PROMPT] * P + [FIRST] * C + [SECOND] * R)
+        # token t of a response is predicted at t-1, its first token at the prompt's last position
+        out["pred_pos"][n, P : P + C] = torch.arange(P - 1, P + C - 1)
+        out["pred_pos"][n, P + C : P + C + R] = torch.tensor([P - 1, *range(P + C, P + C + R - 1)][:R])
+    return out

@@ -15,7 +15,7 @@ workflow), and every positional argument is data.
 
 Data: for `pope`, question files in POPE's format (see `pope.py`; image names resolve against `--images`,
 by default the file's folder), or `shapes`: the shapes world's three splits, written under OUT/shapes-pope
-by `data/shapes_pope.py`, then read like any POPE file. For `chair` and `captions`, a caption dataset (a
+by `evaluation/shapes_pope.py`, then read like any POPE file. For `chair` and `captions`, a caption dataset (a
 local dataset folder or file as `data.path` takes it, a recipe YAML whose `data` section is used, or
 `shapes` for the shapes world), for `chair` with an `objects` column (object names; the shapes world's
 ground truth needs none). Files are read with `datasets`, local only.
@@ -40,6 +40,7 @@ import torch
 
 from rlalign.config import RecipeError
 from rlalign.data.images import BadRowError, CellError, ImageReader, bad_row, in_column
+from rlalign.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def load_eval_model(path: str, dtype: str = "float32") -> tuple[torch.nn.Module,
     if (folder / "COMPLETE").is_file() and (folder / "recipe.yaml").is_file():
         from safetensors.torch import load_file
 
-        from rlalign.config import load_recipe
+        from rlalign.config import read_recipe as load_recipe
         from rlalign.models.builder import build_policy
 
         recipe = load_recipe(folder / "recipe.yaml")
@@ -152,10 +153,7 @@ class Generator:
 # -- writing --------------------------------------------------------------------------------------
 def _write(path: Path, text: str) -> None:
     """Write through a temporary file, so a crash never leaves a half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -234,8 +232,8 @@ def _pope_item(ds: Any, path: Path, reader: ImageReader, suffix: str) -> Callabl
 def _shapes_pope(args: argparse.Namespace, gen: Generator | None) -> list[str]:
     """The shapes world's POPE files (random, popular, adversarial), written under OUT/shapes-pope by the
     writing rank while the others wait."""
-    from rlalign.data.shapes_pope import ShapesPopeConfig, question_file, write_shapes_pope
     from rlalign.evaluation.pope import SPLITS
+    from rlalign.evaluation.shapes_pope import ShapesPopeConfig, question_file, write_shapes_pope
 
     folder = Path(args.out) / "shapes-pope"
     if gen is None or gen.runtime.is_main:
@@ -305,7 +303,7 @@ def run_pope(args: argparse.Namespace) -> dict:
 def caption_rows(spec: str, split: str, limit: int | None) -> tuple[Any, Any]:
     """(DataConfig, CaptionRows) of `shapes`, a recipe YAML's data section, or a local dataset (a folder's
     `split`, or one file)."""
-    from rlalign.config import load_recipe
+    from rlalign.config import read_recipe as load_recipe
     from rlalign.config.schema import DataConfig
     from rlalign.data.captions import load_rows
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -76,7 +77,7 @@ def build_policy(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torc
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        from rlalign.preflight import check_lora_targets
+        from rlalign.models.structure import check_lora_targets
 
         check_lora_targets(cfg, data, model)
 
@@ -122,6 +123,11 @@ class ReferenceModel:
 
     def attach(self, prepared_policy: torch.nn.Module) -> None:
         self.policy = prepared_policy
+
+    def modules(self) -> Iterator[torch.nn.Module]:
+        """The modules of the model that runs (the copy, or the policy): for family logic that reads the
+        model, such as its M-RoPE positions (`rlalign.models.packing`)."""
+        return (self.model if self.mode == "copy" else self.policy).modules()
 
     @torch.no_grad()
     def __call__(self, **inputs: torch.Tensor) -> Any:

@@ -4,9 +4,10 @@ L = -(1 - eps) log sigma(beta [D(y_w) - D(y_l)]) - eps log sigma(-beta [D(y_w) -
 D(y) = log pi(y|x,v) - log pi_ref(y|x,v), eps = label_smoothing (0 = the paper; eps > 0 is cDPO).
 
 Where it departs from the paper / from TRL:
-- Chosen and rejected share one packed row (prompt | chosen | rejected, 4D mask, same position ids
-  for both responses): the image is encoded and the prompt is run once per pair. The log-probs are
-  those of two separate sequences (same masks, same positions), gathered exactly at the label tokens.
+- Chosen and rejected share one packed row (prompt | chosen | rejected, 4D mask, each response at the
+  positions of its unpacked sequence, M-RoPE included): the image is encoded and the prompt is run once
+  per pair. The log-probs are those of two separate sequences (same masks, same positions), gathered
+  exactly at the label tokens. Families that do not pack get one row per response (`PreferenceCollator`).
 - `logp_reduction: mean` optionally averages over response tokens instead of summing (paper: sum).
 - The loss is summed over pairs and divided by the step's pair count over all micro-batches and
   ranks (see objectives/base.py), so accumulation / data parallelism give the single-batch gradient.
@@ -15,17 +16,19 @@ Where it departs from the paper / from TRL:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from rlalign.config.schema import DPOConfig
 from rlalign.data.preference import FIRST, PAD_SEGMENT, PROMPT, SECOND
+from rlalign.models.packing import segment_positions
+from rlalign.objectives.base import ObjectiveBase, ObjectiveContext, register_objective
 from rlalign.objectives.ref_cache import RefLogpCache
 from rlalign.ops import reduce_sequences, token_logprobs
 
-PACKING_KEYS = ("segment_ids", "pred_pos", "is_retrieved", "pair_keys", "attention_mask")
+PACKING_KEYS = ("segment_ids", "pred_pos", "is_retrieved", "pair_keys", "attention_mask", "logp_row")
 
 
 def packed_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -47,16 +50,22 @@ def compute_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def sequence_logps(model: Any, batch: dict[str, Any], reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    """(N, 2) log-probs of each row's first and second response (0 where absent), one root forward."""
+    """(N, 2) log-probs of the first and second response of each log-prob row (0 where absent), one root
+    forward over the batch's model rows (packed or not, see `PreferenceCollator`)."""
     inputs = {k: v for k, v in batch.items() if k not in PACKING_KEYS}
     inputs["attention_mask"] = packed_mask(batch["segment_ids"], dtype)
-    logits = model(**inputs, use_cache=False).logits  # (N, T, V)
+    positions = segment_positions(model, batch, (PROMPT, FIRST, SECOND))
+    if positions is not None:
+        inputs["position_ids"] = positions
+    logits = model(**inputs, use_cache=False).logits  # (rows, T, V)
     seg = batch["segment_ids"]
     # the logits predicting each token: row n's position pred_pos[n, t] predicts input_ids[n, t]
     picked = logits.gather(1, batch["pred_pos"][..., None].expand(-1, -1, logits.shape[-1]))
     logp_NT = token_logprobs(picked, batch["input_ids"])
-    out = [reduce_sequences(logp_NT, seg == s, reduction) for s in (FIRST, SECOND)]
-    return torch.stack(out, 1)
+    per_row = torch.stack([reduce_sequences(logp_NT, seg == s, reduction) for s in (FIRST, SECOND)], 1)
+    rows = batch["is_retrieved"].shape[0]
+    logp_row = torch.tensor(batch["logp_row"], device=per_row.device)
+    return per_row.new_zeros(rows, 2).index_add(0, logp_row, per_row)
 
 
 def ref_logps(
@@ -86,19 +95,37 @@ def preference_terms(logp_w, logp_l, ref_w, ref_l, beta: float, eps: float) -> t
     return loss, metrics
 
 
-class DPOObjective:
+@dataclass(kw_only=True)
+class DPOConfig:
+    """Direct preference optimisation (sigmoid loss) on (image, prompt, chosen, rejected)."""
+
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta * (log pi - log pi_ref)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the preference label is flipped with this probability (0 = plain DPO)."""
+    logp_reduction: Literal["sum", "mean"] = "sum"
+    """Sequence log-prob: sum over response tokens (the paper), or their mean."""
+    ref_cache_dir: str | None = None
+    """Cache reference log-probs on disk here, keyed by (image hash, token ids, reference fingerprint):
+    each pair runs the reference once, later epochs and runs read the cache. None: live reference."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@register_objective
+class DPOObjective(ObjectiveBase):
     name: ClassVar[str] = "dpo"
-    needs_reference: ClassVar[bool] = True
-    needs_rollout: ClassVar[bool] = False
+    config_class: ClassVar[type] = DPOConfig
     data_kind: ClassVar[str] = "preferences"
-    uses_retrieved: ClassVar[bool] = False
+    needs_reference: ClassVar[bool] = True
+    cfg: DPOConfig
 
-    @classmethod
-    def requires_reference(cls, cfg: Any) -> bool:
-        return cls.needs_reference
-
-    def __init__(self, cfg: DPOConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DPOConfig, ctx: ObjectiveContext | None = None):
+        super().__init__(cfg, ctx)
         self.cache = RefLogpCache(cfg.ref_cache_dir, cfg.logp_reduction) if cfg.ref_cache_dir else None
 
     def count_items(self, batch: dict[str, Any]) -> float:

@@ -19,11 +19,13 @@ Where rlalign departs from the paper, and why:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from rlalign.config.schema import GRPOConfig, Recipe
+from rlalign.objectives.base import ObjectiveBase, ObjectiveContext, register_objective
+from rlalign.ops import masked_mean, reduce_loss
 from rlalign.rollout.advantage import group_normalized
 from rlalign.rollout.engine import build_engine, completion_items, completion_logprobs
 
@@ -47,36 +49,53 @@ def grpo_token_loss(
     return loss, {"kl": kl.detach(), "clipped": was_clipped.to(logp.dtype), "ratio": ratio.detach()}
 
 
-def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, normalize: str) -> torch.Tensor:
-    """Sum of per-token losses (`token`) or of per-sequence means (`sequence`) over the micro-batch."""
-    mask = mask.to(per_token.dtype)
-    if normalize == "token":
-        return (per_token * mask).sum()
-    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+@dataclass(kw_only=True)
+class GRPOConfig:
+    """Group-relative policy optimisation (defaults: arXiv 2503.01333)."""
+
+    group_size: int = 5
+    """Samples per image (G)."""
+    clip_eps: float = 0.2
+    """Ratio clipping: min(rho A, clip(rho, 1 - eps, 1 + eps) A)."""
+    beta: float = 0.04
+    """Weight of the k3 KL to the frozen reference (0: no reference forward)."""
+    std_eps: float = 1e-5
+    """Added to the group std when dividing the advantage."""
+    scale_by_std: bool = True
+    """Divide the centred reward by the group std (false: r - mean only)."""
+    normalize: Literal["token", "sequence"] = "token"
+    """`token`: sum over the step's completion tokens / their count (paper); `sequence`: mean of per-sequence means."""
+    inner_epochs: int = 2
+    """Passes of optimizer updates over each rollout buffer."""
+    minibatches: int = 1
+    """Optimizer updates per pass: each rollout micro-batch is split in this many parts."""
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2, got {self.group_size}")
+        if self.clip_eps <= 0 or self.beta < 0 or self.std_eps < 0:
+            raise ValueError("need clip_eps > 0, beta >= 0, std_eps >= 0")
+        if self.inner_epochs < 1 or self.minibatches < 1:
+            raise ValueError("inner_epochs and minibatches must be >= 1")
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-class GRPOObjective:
+@register_objective
+class GRPOObjective(ObjectiveBase):
     name: ClassVar[str] = "grpo"
-    needs_reference: ClassVar[bool] = True
-    needs_rollout: ClassVar[bool] = True
+    config_class: ClassVar[type] = GRPOConfig
     data_kind: ClassVar[str] = "images"
+    needs_reference: ClassVar[bool] = True
+    cfg: GRPOConfig
 
     @classmethod
-    def requires_reference(cls, cfg: Any) -> bool:
+    def requires_reference(cls, cfg: GRPOConfig) -> bool:
         """The k3 KL term needs the reference; beta 0 runs without one."""
         return cfg.beta > 0
 
-    def __init__(self, cfg: GRPOConfig, *, recipe: Recipe, processor: Any):
-        if cfg.beta > 0 and recipe.model.reference == "none":
-            raise ValueError("objective.grpo.beta > 0 needs model.reference (copy or adapter_disabled)")
-        self.cfg = cfg
+    def __init__(self, cfg: GRPOConfig, ctx: ObjectiveContext):
+        super().__init__(cfg, ctx)
         self.inner_epochs = cfg.inner_epochs
-        self.engine = build_engine(recipe, processor)
+        self.engine = build_engine(ctx.recipe, ctx.processor)
 
     def advantage(self, rewards_N: torch.Tensor, greedy_B: torch.Tensor | None) -> torch.Tensor:
         return group_normalized(

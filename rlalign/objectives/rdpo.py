@@ -16,13 +16,14 @@ Where it departs from the paper:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from rlalign.config.schema import RDPOConfig
-from rlalign.objectives.dpo import DPOObjective, preference_terms
+from rlalign.objectives.base import register_objective
+from rlalign.objectives.dpo import DPOConfig, DPOObjective, preference_terms
 
 
 def rdpo_terms(logps: torch.Tensor, ref: torch.Tensor, cfg: RDPOConfig) -> tuple[torch.Tensor, dict]:
@@ -44,12 +45,31 @@ def rdpo_terms(logps: torch.Tensor, ref: torch.Tensor, cfg: RDPOConfig) -> tuple
     return loss, metrics
 
 
+@dataclass(kw_only=True)
+class RDPOConfig(DPOConfig):
+    """RE-ALIGN's retrieval-augmented DPO: the DPO term + a visual term (chosen under the true vs the retrieved image)."""
+
+    dpo_weight: float = 1.0
+    """Weight of the DPO (text preference) term."""
+    visual_weight: float = 1.0
+    """Weight of the visual term -log sigmoid(beta [D(y_w|x,v) - D(y_w|x,v_l)])."""
+    anchor_weight: float = 0.0
+    """Weight of an mDPO-style anchor -log sigmoid(beta D(y_w|x,v) - anchor_delta) (0: off, as in the paper)."""
+    anchor_delta: float = 0.0
+    """Anchor threshold delta of the anchor term."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.dpo_weight, self.visual_weight, self.anchor_weight) < 0:
+            raise ValueError("dpo_weight, visual_weight and anchor_weight must be >= 0")
+
+
+@register_objective
 class RDPOObjective(DPOObjective):
     name: ClassVar[str] = "rdpo"
+    config_class: ClassVar[type] = RDPOConfig
     uses_retrieved: ClassVar[bool] = True
-
-    def __init__(self, cfg: RDPOConfig):
-        super().__init__(cfg)
+    cfg: RDPOConfig
 
     def terms(self, logps: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return rdpo_terms(logps, ref, self.cfg)

@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from rlalign.models.vision_inputs import split_rows
+from rlalign.utils.io import atomic_write
+
 log = logging.getLogger(__name__)
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids", "segment_ids", "pred_pos", "is_retrieved")
@@ -35,16 +38,9 @@ def _digest(h: Any, name: str, t: torch.Tensor) -> None:
 
 
 def _row_parts(batch: dict[str, Any], name: str, value: torch.Tensor, rows: int) -> list[torch.Tensor] | None:
-    """`value` split into one part per row: one leading entry per row, or (Qwen2-VL style) patches
-    concatenated over the rows' images, split by `image_grid_thw`; None when it does not split."""
-    if value.shape[0] == rows:
-        return list(value)
-    grid = batch.get("image_grid_thw")
-    if name != "image_grid_thw" and isinstance(grid, torch.Tensor) and grid.shape[0] == rows:
-        sizes = grid.prod(-1).tolist()
-        if sum(sizes) == value.shape[0]:
-            return list(value.split(sizes))
-    return None
+    """`value` (= `batch[name]`) split into one part per row, for every family's image layout (see
+    `rlalign.models.vision_inputs`); None when it does not split."""
+    return split_rows({**batch, name: value}, name, rows)
 
 
 def pair_cache_keys(batch: dict[str, Any]) -> list[str]:
@@ -74,16 +70,8 @@ def reference_fingerprint(reference: Any) -> str:
     """Stable digest of the reference's weights, the same under any sharding."""
     runtime = reference.runtime
     model = reference.model if reference.mode == "copy" else runtime.unwrap(reference.policy)
-    names, stats = [], []
-    for name, p in model.named_parameters():
-        if reference.mode == "adapter_disabled" and "lora_" in name:
-            continue
-        local = p.ds_tensor if hasattr(p, "ds_tensor") else (p.to_local() if hasattr(p, "to_local") else p)
-        shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-        names.append(f"{name.removeprefix('module.')}:{shape}")
-        x = local.detach().double().flatten()
-        stats.append(torch.stack([x.sum(), (x * x).sum()]))
-    total = runtime.all_reduce(torch.stack(stats).cpu() if stats else torch.zeros(0, 2, dtype=torch.float64))
+    adapter_off = reference.mode == "adapter_disabled"
+    names, total = runtime.parameter_sums(model, skip=lambda name: adapter_off and "lora_" in name)
     h = hashlib.sha256("\n".join(names).encode())
     h.update(" ".join(f"{v:.9g}" for v in total.flatten().tolist()).encode())
     return h.hexdigest()[:16]
@@ -107,7 +95,7 @@ class RefLogpCache:
         self.dir = self.root / f"{reference_fingerprint(reference)}-{self.reduction}"
         self.rank = reference.runtime.rank
         self.dir.mkdir(parents=True, exist_ok=True)
-        for f in sorted(self.dir.glob("*.pt")):
+        for f in sorted(self.dir.glob("[!.]*.pt")):  # not another writer's temporary
             self.table.update(torch.load(f, weights_only=True))
         log.info("reference log-prob cache %s: %d pairs", self.dir, len(self.table))
 
@@ -139,8 +127,6 @@ class RefLogpCache:
         if not self.pending or self.dir is None:
             return
         name = f"rank{self.rank}-pid{os.getpid()}-{self.shards_written:05d}.pt"
-        tmp = self.dir / f".{name}.tmp"
-        torch.save(self.pending, tmp)
-        tmp.rename(self.dir / name)
+        atomic_write(self.dir / name, lambda tmp: torch.save(self.pending, tmp), fsync=False)
         self.shards_written += 1
         self.pending = {}

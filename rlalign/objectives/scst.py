@@ -16,12 +16,13 @@ Where rlalign departs from the paper, and why:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from rlalign.config.schema import Recipe, SCSTConfig
-from rlalign.objectives.grpo import masked_mean, reduce_loss
+from rlalign.objectives.base import ObjectiveBase, ObjectiveContext, register_objective
+from rlalign.ops import masked_mean, reduce_loss
 from rlalign.rollout.advantage import greedy_baseline, leave_one_out
 from rlalign.rollout.engine import build_engine, completion_items, completion_logprobs
 
@@ -31,21 +32,33 @@ def scst_token_loss(logp: torch.Tensor, adv_N: torch.Tensor) -> torch.Tensor:
     return -adv_N.to(logp.dtype).unsqueeze(1) * logp
 
 
-class SCSTObjective:
+@dataclass(kw_only=True)
+class SCSTConfig:
+    """Self-critical sequence training (Rennie et al. 2017)."""
+
+    baseline: Literal["greedy", "group_mean"] = "greedy"
+    """`greedy`: advantage = r(sample) - r(greedy decode); `group_mean`: minus the mean of the image's other samples."""
+    num_samples: int = 1
+    """Samples per image (`group_mean` needs at least 2)."""
+    normalize: Literal["token", "sequence"] = "token"
+    """Loss normalisation: per completion token of the step, or per sequence."""
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or (self.baseline == "group_mean" and self.num_samples < 2):
+            raise ValueError(f"num_samples must be >= 1 (>= 2 for group_mean), got {self.num_samples}")
+
+
+@register_objective
+class SCSTObjective(ObjectiveBase):
     name: ClassVar[str] = "scst"
-    needs_reference: ClassVar[bool] = False
-    needs_rollout: ClassVar[bool] = True
+    config_class: ClassVar[type] = SCSTConfig
     data_kind: ClassVar[str] = "images"
-
-    @classmethod
-    def requires_reference(cls, cfg: Any) -> bool:
-        return cls.needs_reference
-
+    cfg: SCSTConfig
     inner_epochs: int = 1
 
-    def __init__(self, cfg: SCSTConfig, *, recipe: Recipe, processor: Any):
-        self.cfg = cfg
-        self.engine = build_engine(recipe, processor)
+    def __init__(self, cfg: SCSTConfig, ctx: ObjectiveContext):
+        super().__init__(cfg, ctx)
+        self.engine = build_engine(ctx.recipe, ctx.processor)
 
     def advantage(self, rewards_N: torch.Tensor, greedy_B: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.baseline == "greedy":

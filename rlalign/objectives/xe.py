@@ -7,39 +7,34 @@ parallelism give exactly the single-batch gradient (HF's per-micro-batch mean do
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from rlalign.config.schema import XEConfig
 from rlalign.data.collate import IGNORE
-from rlalign.ops import token_logprobs
+from rlalign.objectives.base import ObjectiveBase, register_objective
+from rlalign.ops import token_nll
 from rlalign.utils.tensors import model_inputs
 
 OBJECTIVE_KEYS = ("labels",)
 """Batch tensors the loss reads and the model's forward does not take."""
 
 
-def token_nll(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL of next-token prediction and the mask of positions that count."""
-    target = labels_BT[:, 1:]
-    mask = target != IGNORE
-    nll = -token_logprobs(logits_BTV[:, :-1], target.clamp(min=0))
-    return nll * mask, mask
+@dataclass(kw_only=True)
+class XEConfig:
+    """Cross-entropy on reference captions."""
+
+    normalize: Literal["token", "sequence"] = "token"
+    """`token`: mean over all response tokens of the optimizer step; `sequence`: mean of per-caption means."""
 
 
-class XEObjective:
+@register_objective
+class XEObjective(ObjectiveBase):
     name: ClassVar[str] = "xe"
-    needs_reference: ClassVar[bool] = False
-    needs_rollout: ClassVar[bool] = False
+    config_class: ClassVar[type] = XEConfig
     data_kind: ClassVar[str] = "captions"
-
-    @classmethod
-    def requires_reference(cls, cfg: Any) -> bool:
-        return cls.needs_reference
-
-    def __init__(self, cfg: XEConfig):
-        self.cfg = cfg
+    cfg: XEConfig
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> float:
         if self.cfg.normalize == "token":

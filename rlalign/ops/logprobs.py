@@ -40,9 +40,11 @@ def token_entropy(logits: torch.Tensor, *, chunk: int = CHUNK_ROWS) -> torch.Ten
     return torch.cat(parts).view(logits.shape[:-1])
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Mean of `values` over `dim` where `mask` holds (0 for a row with no position)."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where `mask` holds, over `dim` (all positions when None; 0 where nothing counts)."""
     mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
@@ -51,5 +53,25 @@ def reduce_sequences(values: torch.Tensor, mask: torch.Tensor, reduction: str) -
     if reduction == "sum":
         return (values * mask.to(values.dtype)).sum(-1)
     if reduction == "mean":
-        return masked_mean(values, mask)
+        return masked_mean(values, mask, dim=-1)
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Sum over the micro-batch of per-token losses (`token`) or of per-sequence means (`sequence`): the
+    numerator the step's item count (tokens or sequences) divides."""
+    if normalize == "token":
+        return reduce_sequences(per_token, mask, "sum").sum()
+    if normalize == "sequence":
+        return reduce_sequences(per_token, mask, "mean").sum()
+    raise ValueError(f"normalize must be 'token' or 'sequence', got {normalize!r}")
+
+
+def token_nll(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_index: int = -100
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL [B, T-1] of next-token prediction (0 where the label is `ignore_index`) and the mask of
+    positions that count."""
+    target = labels_BT[:, 1:]
+    mask = target != ignore_index
+    nll = -token_logprobs(logits_BTV[:, :-1], target.clamp(min=0))
+    return nll * mask, mask

@@ -3,18 +3,21 @@
 An embedding is the vision tower's last hidden state averaged over patch tokens (`mean`, the first
 token, CLIP's CLS, left out) or its pooled output (`cls`), L2-normalised, as float32.
 
-The cache lives in `<cache_dir>/<fingerprint[:24]>/`: one `.npz` file per `embed` call holding
-`keys` (sha256 of each image's mode, size and pixels, as fixed-width bytes) and `vectors`; files are
-written to a temp name and renamed, and read with `allow_pickle=False`. The fingerprint hashes the
+The cache lives in `<cache_dir>/<fingerprint[:24]>/`: `.npz` files holding `keys` (sha256 of each
+image's mode, size and pixels, as fixed-width bytes) and `vectors`, named by the sha256 of their keys:
+one per `embed` call, or one per pool shard (`rlalign.retrieval.embed_store`). Files are written
+atomically and read with `allow_pickle=False`, lazily on the first `embed`. The fingerprint hashes the
 vision tower's weights and config, the image processor's config and the pooling, so a retrained or
 different encoder never reads another's vectors. Several processes may share one cache folder.
+
+Images are batched by their size: processors with a dynamic resolution (Qwen2-VL, Idefics) give each
+size its own pixel shape, so a batch holds one size; fixed-resolution processors are not affected.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rlalign.retrieval.config import EmbedderConfig
+from rlalign.config.pairs import EmbedderConfig
+from rlalign.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -78,82 +82,119 @@ class ImageEmbedder:
             if self.config.cache_dir
             else None
         )
-        self._cache: dict[bytes, np.ndarray] = {}
-        self._load_cache()
+        self._cache: dict[bytes, np.ndarray] | None = None
+        """Cached vectors by image key, read from `cache_path` on the first `embed`."""
 
     @property
     def device(self) -> torch.device:
         return next(self.tower.parameters()).device
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
+        """Unit vectors [N, D] of `images`, from the cache where it has them."""
+        if self._cache is None:
+            self._cache = self._read_cache()
         keys = [image_key(im) for im in images]
         todo = sorted(
             {k: i for i, k in enumerate(keys) if k not in self._cache}.items(), key=lambda kv: kv[1]
         )
         self.cache_hits += len(keys) - len(todo)
         if todo:
-            fresh = self._forward([images[i] for _, i in todo])
-            self.embedded += len(todo)
+            fresh = self.forward([images[i] for _, i in todo])
             new_keys = [k for k, _ in todo]
             self._cache.update(zip(new_keys, fresh))
-            self._save(new_keys, fresh)
+            self.save(new_keys, fresh)
         if not keys:
             return np.empty((0, 0), dtype=np.float32)
         return np.stack([self._cache[k] for k in keys])
 
     @torch.no_grad()
-    def _forward(self, images: list[Image.Image]) -> np.ndarray:
-        out = []
+    def forward(self, images: list[Image.Image]) -> np.ndarray:
+        """Run `images` through the tower (no cache): batches of one image size, rows in input order."""
+        self.embedded += len(images)
+        order = sorted(range(len(images)), key=lambda i: images[i].size)
+        out = np.empty((len(images), 0), dtype=np.float32)
         dtype = next(self.tower.parameters()).dtype
-        for start in range(0, len(images), self.config.batch_size):
-            chunk = [im.convert("RGB") for im in images[start : start + self.config.batch_size]]
+        step = self.config.batch_size
+        start = 0
+        while start < len(order):
+            size = images[order[start]].size
+            stop = start + 1
+            while stop < len(order) and stop - start < step and images[order[stop]].size == size:
+                stop += 1
+            chunk = [images[i].convert("RGB") for i in order[start:stop]]
             pixels = self.image_processor(chunk, return_tensors="pt")["pixel_values"].to(self.device, dtype)
             hidden = self.tower(pixel_values=pixels)
             if self.config.pooling == "cls":
                 pooled = hidden.pooler_output
             else:
                 pooled = hidden.last_hidden_state[:, 1:].mean(dim=1)
-            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-            out.append(pooled.cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+            if out.shape[1] == 0:
+                out = np.empty((len(images), pooled.shape[1]), dtype=np.float32)
+            out[order[start:stop]] = pooled
+            start = stop
+        return out
 
     # ------------------------------------------------------------------- cache
 
-    def _load_cache(self) -> None:
+    def _read_cache(self) -> dict[bytes, np.ndarray]:
+        cache: dict[bytes, np.ndarray] = {}
         if self.cache_path is None or not self.cache_path.is_dir():
-            return
+            return cache
         for file in sorted(self.cache_path.glob("*.npz")):
             try:
                 with np.load(file, allow_pickle=False) as data:
-                    self._cache.update(zip(data["keys"].tolist(), data["vectors"]))
+                    cache.update(zip(data["keys"].tolist(), data["vectors"]))
             except (OSError, ValueError, KeyError) as err:  # a foreign or damaged file: skip it loudly
                 log.warning("embedding cache: skipping %s (%s)", file, err)
-        log.info("embedding cache %s: %d vectors", self.cache_path, len(self._cache))
+        log.info("embedding cache %s: %d vectors", self.cache_path, len(cache))
+        return cache
 
-    def _save(self, keys: list[bytes], vectors: np.ndarray) -> None:
+    def save(self, keys: list[bytes], vectors: np.ndarray) -> Path | None:
+        """Write `keys` and their `vectors` into the cache as one file named by the keys' sha256."""
         if self.cache_path is None:
-            return
-        self.cache_path.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256(b"".join(keys)).hexdigest()[:32]
-        final = self.cache_path / f"{name}.npz"
-        tmp = self.cache_path / f".{name}.tmp-{os.getpid()}.npz"
-        try:
-            np.savez(tmp, keys=np.array(keys, dtype="S64"), vectors=vectors.astype(np.float32))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+            return None
+        path = self.cache_path / f"{keys_digest(keys)}.npz"
+        keys_S = np.array(keys, dtype="S64")
+        vectors = vectors.astype(np.float32)
+        return atomic_write(path, lambda tmp: np.savez(tmp, keys=keys_S, vectors=vectors))
+
+
+def keys_digest(keys: list[bytes]) -> str:
+    """Name of the cache file holding exactly these image keys, in this order."""
+    return hashlib.sha256(b"".join(keys)).hexdigest()[:32]
+
+
+VISION_ENCODERS = ("clip", "siglip", "clip_vision_model", "siglip_vision_model")
+"""`model_type`s of image-text encoders loaded as such (`AutoModel`), not as VLMs."""
+
+
+def load_encoder(path: str) -> tuple[torch.nn.Module, Any] | None:
+    """A CLIP / SigLIP folder (or hub id) as (model, image processor); None when `path` holds another kind
+    of model (a VLM, loaded by the model builder)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    try:
+        model_type = AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError):
+        return None
+    if model_type not in VISION_ENCODERS:
+        return None
+    return AutoModel.from_pretrained(path).eval(), AutoImageProcessor.from_pretrained(path)
 
 
 def build_embedder(recipe: Any) -> tuple[ImageEmbedder, torch.nn.Module, Any]:
     """The embedder a recipe asks for, with the model and processor it came from (the policy when
-    `pairs.embedder.encoder` is `policy`)."""
+    `pairs.embedder.encoder` is `policy`; a CLIP / SigLIP folder is loaded as an image encoder)."""
     from dataclasses import replace
 
     from rlalign.models.builder import load_base
 
     cfg = recipe.pairs.embedder
+    encoder = load_encoder(cfg.encoder) if cfg.encoder != "policy" else None
+    if encoder is not None:
+        model, processor = encoder
+        return ImageEmbedder(model, processor, cfg), model, processor
     model_cfg = recipe.model if cfg.encoder == "policy" else replace(recipe.model, name_or_path=cfg.encoder)
     model, processor = load_base(model_cfg, recipe.data)
     model.eval()

@@ -1,6 +1,6 @@
 """A FAISS vector index with its own id map, exclusion/dedup filtering and atomic save/load.
 
-One class, `VectorIndex`, over three FAISS kinds (`flat` exact, `ivf`, `hnsw`) and two metrics:
+One class, `VectorIndex`, over four kinds (`flat` exact, `ivf`, `ivfpq`, `hnsw`) and two metrics:
 `ip` is cosine similarity (vectors and queries are L2-normalised on the way in) and `l2` is squared
 Euclidean distance. Scores always read "higher is closer": `ip` returns the cosine, `l2` returns the
 *negative* squared distance, so a padded slot (score -inf, id -1) is the worst score under both.
@@ -8,9 +8,12 @@ Euclidean distance. Scores always read "higher is closer": `ip` returns the cosi
 FAISS only ever sees positions 0..N-1; the external int64 ids live in a numpy array next to it. That
 keeps arbitrary ids working for every kind and on GPUs, where `add_with_ids` is not always supported.
 
-With `faiss.get_num_gpus() > 0` (and `device` "auto" or "gpu") flat and IVF indexes are cloned onto
-all visible GPUs, sharded or replicated; HNSW has no GPU implementation in FAISS and stays on the CPU.
-Saved indexes are always CPU indexes, so a directory written on a GPU box loads anywhere.
+On a machine with a GPU (`device` "auto" or "gpu"), exact search runs as a torch kNN on the GPU
+(`rlalign.retrieval.knn`: matmul + top-k in chunks, half precision rescored in float32), whatever
+FAISS build is installed; IVF / IVF-PQ indexes are cloned onto all GPUs FAISS sees, sharded or
+replicated; HNSW has no GPU implementation in FAISS and stays on the CPU. IVF cells are trained on a
+seeded sample (`train_size`), so a million vectors train in seconds. Saved indexes are always CPU
+FAISS indexes, so a directory written on a GPU box loads anywhere.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import faiss
 import numpy as np
+
+from rlalign.config.pairs import IndexConfig
+from rlalign.utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -37,80 +41,45 @@ IDS_FILE = "ids.npy"
 PAD_ID = -1
 # FAISS GPU k-selection is limited to 2048 results per query.
 _GPU_MAX_K = 2048
+TRAIN_PER_CELL = 64
+"""Training vectors per IVF cell when `train_size` is unset (FAISS asks for 39 at least, uses 256 at most)."""
+PQ_TRAIN = 256 * 39
+"""IVF-PQ trains its 256-centroid codebooks on at least this many vectors (FAISS's minimum)."""
+TRAIN_SEED = 1234
+
+__all__ = ["IndexConfig", "IndexMetadataError", "VectorIndex", "recall_at_k"]
 
 
 class IndexMetadataError(ValueError):
     """A saved index directory does not match what the caller expects, or is inconsistent."""
 
 
-@dataclass(kw_only=True)
-class IndexConfig:
-    """How to build and search a `VectorIndex`."""
-
-    kind: Literal["flat", "ivf", "hnsw"] = "flat"
-    """`flat`: exact search; `ivf`: inverted lists over k-means cells; `hnsw`: graph search."""
-    metric: Literal["ip", "l2"] = "ip"
-    """`ip`: cosine similarity (inputs L2-normalised); `l2`: squared Euclidean distance."""
-    nlist: int = 1024
-    """IVF only: number of k-means cells. Training needs at least this many vectors (ideally 39x)."""
-    nprobe: int = 16
-    """IVF only: cells visited per query; higher is slower and closer to exact."""
-    hnsw_m: int = 32
-    """HNSW only: graph neighbours per node (FAISS `M`)."""
-    ef_construction: int = 40
-    """HNSW only: candidate list size while building."""
-    ef_search: int = 64
-    """HNSW only: candidate list size while searching (FAISS `efSearch`); raised to k when k is larger."""
-    device: Literal["auto", "cpu", "gpu"] = "auto"
-    """`auto`: all visible GPUs when faiss sees any, else CPU; `gpu` fails when there is none."""
-    gpu_mode: Literal["shard", "replicate"] = "shard"
-    """Multi-GPU layout: `shard` splits the vectors across GPUs (more capacity), `replicate` copies
-    them to each GPU and splits the queries (more throughput)."""
-    filter_headroom: int = 8
-    """Extra results fetched per query when dropping self-matches or near-duplicates, before trimming
-    to k; the search widens (doubling) for the few queries that still come up short."""
-
-    def __post_init__(self) -> None:
-        _check_choice("kind", self.kind, ("flat", "ivf", "hnsw"))
-        _check_choice("metric", self.metric, ("ip", "l2"))
-        _check_choice("device", self.device, ("auto", "cpu", "gpu"))
-        _check_choice("gpu_mode", self.gpu_mode, ("shard", "replicate"))
-        for name in ("nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"IndexConfig.{name} must be a positive int, got {value!r}")
-        if self.hnsw_m < 2:
-            raise ValueError(f"IndexConfig.hnsw_m must be >= 2, got {self.hnsw_m}")
-        if self.kind == "ivf" and self.nprobe > self.nlist:
-            raise ValueError(
-                f"IndexConfig.nprobe ({self.nprobe}) cannot exceed nlist ({self.nlist}) for kind 'ivf'"
-            )
-        if self.filter_headroom < 0:
-            raise ValueError(f"IndexConfig.filter_headroom must be >= 0, got {self.filter_headroom}")
-
-    def factory_string(self) -> str:
-        """The `faiss.index_factory` description of this index."""
-        if self.kind == "flat":
-            return "Flat"
-        if self.kind == "ivf":
-            return f"IVF{self.nlist},Flat"
-        return f"HNSW{self.hnsw_m},Flat"
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"IndexConfig.{name} must be one of {list(allowed)}, got {value!r}")
-
-
 def _faiss_metric(metric: str) -> int:
     return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
 
 
-def _use_gpu(config: IndexConfig) -> bool:
-    num_gpus = faiss.get_num_gpus()
-    if config.device == "gpu" and num_gpus == 0:
-        raise ValueError("IndexConfig.device='gpu' but faiss sees no GPU (is faiss-cpu installed?)")
-    return config.device != "cpu" and num_gpus > 0
+def _torch_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _placement(config: IndexConfig) -> Literal["cpu", "faiss-gpu", "torch-gpu", "torch-cpu"]:
+    """Where searches run. Exact search on a GPU is the torch kNN unless `exact_backend` is `faiss`;
+    approximate kinds go to FAISS's GPU when it sees one (HNSW has none in FAISS), else the CPU."""
+    faiss_gpus = faiss.get_num_gpus() > 0
+    flat = config.kind == "flat"
+    torch_gpu = flat and config.exact_backend != "faiss" and config.device != "cpu" and _torch_gpu()
+    if torch_gpu:
+        return "torch-gpu"
+    if config.device != "cpu" and faiss_gpus and config.kind != "hnsw":
+        return "faiss-gpu"
+    if config.device == "gpu":
+        raise ValueError(
+            f"IndexConfig.device='gpu' but there is no GPU for kind '{config.kind}' (faiss sees no GPU"
+            f"{'' if flat else '; only kind flat runs on a GPU through torch'}; is faiss-cpu installed?)"
+        )
+    return "torch-cpu" if flat and config.exact_backend == "torch" else "cpu"
 
 
 def _to_all_gpus(cpu_index: faiss.Index, gpu_mode: str) -> faiss.Index:
@@ -120,40 +89,48 @@ def _to_all_gpus(cpu_index: faiss.Index, gpu_mode: str) -> faiss.Index:
     return faiss.index_cpu_to_all_gpus(cpu_index, co=options)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` on a temp file beside `path`, fsync it, then rename it over `path`."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class VectorIndex:
     """Nearest-neighbour search over float32 vectors with arbitrary int64 ids.
 
     Searches may run concurrently from several threads; `add`/`train` must not overlap a search.
+    `faiss_index` / `ids` wrap an existing CPU FAISS index (what `load` reads) instead of a new one.
     """
 
-    def __init__(self, dim: int, config: IndexConfig | None = None, *, fingerprint: str = "") -> None:
+    def __init__(
+        self,
+        dim: int,
+        config: IndexConfig | None = None,
+        *,
+        fingerprint: str = "",
+        faiss_index: faiss.Index | None = None,
+        ids: np.ndarray | None = None,
+    ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         self.dim = dim
         self.config = config or IndexConfig()
+        if self.config.kind == "ivfpq" and dim % self.config.pq_m:
+            raise ValueError(f"IndexConfig.pq_m ({self.config.pq_m}) must divide the vectors' width ({dim})")
         self.fingerprint = fingerprint
+        self.placement = _placement(self.config)
         self.on_gpu = False
-        self._want_gpu = _use_gpu(self.config)
-        self._ids = np.empty(0, dtype=np.int64)
-        self._index = faiss.index_factory(
-            dim, self.config.factory_string(), _faiss_metric(self.config.metric)
+        self._torch = None
+        self._ids = np.empty(0, dtype=np.int64) if ids is None else ids
+        # IVF kinds with a data-chosen cell count are made when the first vectors arrive (`train`).
+        self._index: faiss.Index | None = faiss_index
+        if self._index is None and (self.config.kind not in ("ivf", "ivfpq") or self.config.nlist):
+            self._index = self._new_faiss_index(0)
+        if self._index is not None:
+            self._apply_search_params()
+            self._place()
+
+    def _new_faiss_index(self, n: int) -> faiss.Index:
+        index = faiss.index_factory(
+            self.dim, self.config.factory_string(n), _faiss_metric(self.config.metric)
         )
         if self.config.kind == "hnsw":
-            self._index.hnsw.efConstruction = self.config.ef_construction
-        self._apply_search_params()
-        self._maybe_move_to_gpu()
+            index.hnsw.efConstruction = self.config.ef_construction
+        return index
 
     # ----------------------------------------------------------------- building
 
@@ -185,28 +162,51 @@ class VectorIndex:
 
     @property
     def is_trained(self) -> bool:
-        return bool(self._index.is_trained)
+        return self._index is not None and bool(self._index.is_trained)
+
+    @property
+    def nlist(self) -> int | None:
+        """IVF cells of the built index (None for flat / HNSW, or before training)."""
+        if self.config.kind not in ("ivf", "ivfpq") or self._index is None:
+            return None
+        return int(faiss.extract_index_ivf(self._cpu_index()).nlist)
 
     def train(self, vectors: np.ndarray) -> None:
-        """Train IVF cells on `vectors` (a no-op for flat and HNSW)."""
+        """Train IVF cells (and PQ codebooks) on a seeded sample of `vectors` (a no-op for flat and HNSW)."""
         if self.is_trained:
             return
         x = self._prepare(vectors, "vectors")
-        if x.shape[0] < self.config.nlist:
+        self._train_prepared(x)
+
+    def _train_prepared(self, x: np.ndarray) -> None:
+        cells = self.config.cells(x.shape[0])
+        if x.shape[0] < cells:
             raise ValueError(
-                f"IVF training needs at least nlist={self.config.nlist} vectors, got {x.shape[0]}; "
+                f"IVF training needs at least nlist={cells} vectors, got {x.shape[0]}; "
                 "lower IndexConfig.nlist or train on more data"
             )
+        if self._index is None:
+            self._index = self._new_faiss_index(x.shape[0])
+        size = self.config.train_size or TRAIN_PER_CELL * cells
+        if self.config.kind == "ivfpq" and not self.config.train_size:
+            size = max(size, PQ_TRAIN)
+        if x.shape[0] > size:
+            rows = np.sort(np.random.default_rng(TRAIN_SEED).choice(x.shape[0], size, replace=False))
+            x = x[rows]
         self._index.train(x)
-        self._maybe_move_to_gpu()
+        self._apply_search_params()
+        self._place()
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Add `vectors` [N, D] under `ids` [N] (unique int64, never -1). Trains IVF on first use."""
         x = self._prepare(vectors, "vectors")
         ids = self._check_ids(ids, x.shape[0])
         if not self.is_trained:
-            self.train(x)
+            self._train_prepared(x)
+        assert self._index is not None
         self._index.add(x)
+        if self._torch is not None:
+            self._torch.add(x)
         self._ids = np.concatenate([self._ids, ids])
 
     def _check_ids(self, ids: np.ndarray, n: int) -> np.ndarray:
@@ -267,7 +267,7 @@ class VectorIndex:
         if self.count == 0:
             return scores, ids
         filtering = exclude is not None or min_skip_score is not None
-        cap = min(self.count, _GPU_MAX_K) if self.on_gpu else self.count
+        cap = min(self.count, _GPU_MAX_K) if self.placement == "faiss-gpu" else self.count
         fetch = min(k + (1 + self.config.filter_headroom if filtering else 0), cap)
         todo = np.arange(n_q)
         while todo.size:
@@ -289,10 +289,14 @@ class VectorIndex:
         return scores, ids
 
     def _raw_search(self, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS search mapped to external ids and "higher is closer" scores."""
-        dist, pos = self._index.search(q, fetch)
+        """Search mapped to external ids and "higher is closer" scores."""
+        if self._torch is not None:
+            scores, pos = self._torch.search(q, fetch)
+        else:
+            assert self._index is not None
+            dist, pos = self._index.search(q, fetch)
+            scores = dist if self.config.metric == "ip" else -dist
         ids = np.where(pos >= 0, self._ids[np.clip(pos, 0, None)], PAD_ID)
-        scores = dist if self.config.metric == "ip" else -dist
         scores = np.where(pos >= 0, scores, -np.inf).astype(np.float32)
         return scores, ids
 
@@ -334,22 +338,46 @@ class VectorIndex:
         return x
 
     def _apply_search_params(self) -> None:
-        space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
-        if self.config.kind == "ivf":
-            space.set_index_parameter(self._index, "nprobe", self.config.nprobe)
+        if self._index is None:
+            return
+        space = faiss.GpuParameterSpace() if self.on_gpu and self._torch is None else faiss.ParameterSpace()
+        if self.config.kind in ("ivf", "ivfpq"):
+            nprobe = min(self.config.nprobe, self.nlist or self.config.nprobe)
+            space.set_index_parameter(self._index, "nprobe", nprobe)
         elif self.config.kind == "hnsw":
             space.set_index_parameter(self._index, "efSearch", self.config.ef_search)
 
-    def _maybe_move_to_gpu(self) -> None:
-        if not self._want_gpu or self.on_gpu or not self.is_trained:
+    def _place(self) -> None:
+        """Put a trained index where `placement` says: a torch kNN beside the CPU store, or FAISS GPUs."""
+        if self.on_gpu or self._torch is not None or not self.is_trained or self.placement == "cpu":
             return
-        if self.config.kind == "hnsw":
-            logger.info("FAISS has no GPU HNSW; keeping the hnsw index on the CPU")
+        assert self._index is not None
+        if self.placement.startswith("torch"):
+            from rlalign.retrieval.knn import TorchKNN
+
+            on_gpu = self.placement == "torch-gpu"
+            dtype = self.config.gpu_dtype if on_gpu else "float32"
+            self._torch = TorchKNN(self.dim, self.config.metric, "cuda" if on_gpu else "cpu", dtype)
+            if self._index.ntotal:  # a loaded index: its stored vectors, read without a copy
+                stored = faiss.rev_swig_ptr(self._index.get_xb(), self._index.ntotal * self.dim)
+                self._torch.add(stored.reshape(-1, self.dim))
+            self.on_gpu = on_gpu
+            logger.info("exact search: torch kNN on %s (%s)", self._torch.device, dtype)
             return
         self._index = _to_all_gpus(self._index, self.config.gpu_mode)
         self.on_gpu = True
         self._apply_search_params()
         logger.info("index moved to %d GPU(s), mode %s", faiss.get_num_gpus(), self.config.gpu_mode)
+
+    def _cpu_index(self) -> faiss.Index:
+        assert self._index is not None
+        return faiss.index_gpu_to_cpu(self._index) if self.on_gpu and self._torch is None else self._index
+
+    def bytes_per_vector(self) -> float:
+        """Serialised size of the FAISS index plus the id map, per stored vector (what `save` writes)."""
+        if self.count == 0:
+            return 0.0
+        return (faiss.serialize_index(self._cpu_index()).nbytes + self._ids.nbytes) / self.count
 
     # ----------------------------------------------------------------- save/load
 
@@ -361,9 +389,11 @@ class VectorIndex:
         """
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        cpu_index = faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index
-        _atomic_write(out / INDEX_FILE, lambda tmp: faiss.write_index(cpu_index, str(tmp)))
-        _atomic_write(out / IDS_FILE, lambda tmp: np.save(tmp, self._ids, allow_pickle=False))
+        if self._index is None:  # an empty IVF index whose cells are not chosen yet
+            raise ValueError("cannot save an untrained IVF index with no vectors (nothing chose its nlist)")
+        cpu_index = self._cpu_index()
+        atomic_write(out / INDEX_FILE, lambda tmp: faiss.write_index(cpu_index, str(tmp)))
+        atomic_write(out / IDS_FILE, lambda tmp: np.save(tmp, self._ids, allow_pickle=False))
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -375,7 +405,7 @@ class VectorIndex:
             "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "device"},
         }
         text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-        _atomic_write(out / META_FILE, lambda tmp: tmp.write_text(text))
+        atomic_write(out / META_FILE, lambda tmp: tmp.write_text(text))
         return out
 
     @classmethod
@@ -405,6 +435,12 @@ class VectorIndex:
             raise mismatch("fingerprint", meta["fingerprint"], expect_fingerprint)
         if expect_dim is not None and meta["dim"] != expect_dim:
             raise mismatch("dim", meta["dim"], expect_dim)
+        known = {f.name for f in dataclasses.fields(IndexConfig)}
+        unknown = sorted(set(meta["config"]) - known)
+        if unknown:
+            raise IndexMetadataError(
+                f"{meta_path}: unknown config key '{unknown[0]}' (written by a newer rlalign?)"
+            )
         config = IndexConfig(**meta["config"], device=device)
         for field in ("metric", "kind"):
             if meta[field] != getattr(config, field):
@@ -425,18 +461,7 @@ class VectorIndex:
                     f"{src / file}: {field} is {found!r} but {meta_path.name} says {expected!r} "
                     "(partial or mixed save?)"
                 )
-
-        index = cls.__new__(cls)
-        index.dim = int(meta["dim"])
-        index.config = config
-        index.fingerprint = meta["fingerprint"]
-        index.on_gpu = False
-        index._want_gpu = _use_gpu(config)
-        index._ids = ids
-        index._index = cpu_index
-        index._apply_search_params()
-        index._maybe_move_to_gpu()
-        return index
+        return cls(int(meta["dim"]), config, fingerprint=meta["fingerprint"], faiss_index=cpu_index, ids=ids)
 
 
 def _compact(scores: np.ndarray, ids: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,17 +7,22 @@ shapes-world hallucination penalty; user terms are given as `package.module:func
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from rlalign.config import RecipeError
+from rlalign.config.plugins import Registry, load_callable
 from rlalign.config.schema import RewardConfig
 from rlalign.data.shapes import mentioned
-from rlalign.preflight import load_callable
 from rlalign.rewards.bleu import BleuReward
 from rlalign.rewards.cider import CiderReward
+
+RewardFactory = Callable[[Mapping[Hashable, Sequence[str]]], Callable[..., Any]]
+REWARDS: Registry[RewardFactory] = Registry("reward", "rlalign.rewards")
+"""Built-in reward terms by name: a factory taking the training references by image id and returning the
+reward callable. `module:function` names a user callable instead (used as is)."""
 
 
 def hallucination_penalty(samples: Sequence[str], image_ids: Sequence[Hashable], *, objects: Sequence[list[dict]],
@@ -31,17 +36,26 @@ def hallucination_penalty(samples: Sequence[str], image_ids: Sequence[Hashable],
     return out
 
 
+REWARDS.register("cider", CiderReward)
+REWARDS.register("bleu", BleuReward)
+REWARDS.register("hallucination", lambda refs: hallucination_penalty)
+
+
+def build_reward(name: str, refs_by_image_id: Mapping[Hashable, Sequence[str]]) -> Callable[..., Any]:
+    """A registered reward built over the training references, or a user `module:function` as is."""
+    where = f"objective.rewards: '{name}'"
+    if ":" in name:
+        return load_callable(name, where=where)
+    return REWARDS.get(name, where=where)(refs_by_image_id)
+
+
 class CombinedReward:
     """Sum of weighted reward terms; `__call__` returns the total [N] and each term [N] by name."""
 
     def __init__(self, cfgs: Sequence[RewardConfig], refs_by_image_id: Mapping[Hashable, Sequence[str]]):
         if not cfgs:
             raise ValueError("objective.rewards: at least one reward term is needed")
-        builtins = {"cider": lambda: CiderReward(refs_by_image_id), "bleu": lambda: BleuReward(refs_by_image_id),
-                    "hallucination": lambda: hallucination_penalty}  # fmt: skip
-        self.terms = [(c.name, c.weight, builtins[c.name]() if c.name in builtins
-                       else load_callable(c.name, where=f"objective.rewards: '{c.name}'"))
-                      for c in cfgs]  # fmt: skip
+        self.terms = [(c.name, c.weight, build_reward(c.name, refs_by_image_id)) for c in cfgs]
 
     def __call__(self, samples: Sequence[str], image_ids: Sequence[Hashable], **columns: Any
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip

@@ -18,6 +18,7 @@ import torch
 
 from rlalign.config.schema import RolloutConfig
 from rlalign.data.collate import TOKEN_ALIGNED
+from rlalign.models.vision_inputs import repeat_rows, take_rows
 from rlalign.ops import token_entropy, token_logprobs
 from rlalign.rewards.combined import CombinedReward
 from rlalign.rollout.sampling import completion_mask, greedy, row_seed, sample_groups
@@ -42,13 +43,12 @@ def completion_logprobs(
 
 
 def _sequences(batch: dict, comp: torch.Tensor, mask: torch.Tensor, group: int) -> dict:
-    """Prompt (repeated per sample) + completion, with every prompt-aligned input repeated alike."""
+    """Prompt (repeated per sample) + completion, with every prompt-aligned input repeated alike (image
+    inputs per image, whatever the family's layout: `rlalign.models.vision_inputs`)."""
     prompt_len = batch["input_ids"].shape[1]
     out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        value = value.repeat_interleave(group, 0)
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    for key, value in repeat_rows(tensors, group).items():
         if key == "input_ids":
             value = torch.cat([value, comp], 1)
         elif key == "attention_mask":
@@ -65,8 +65,7 @@ def _split(batch: dict, parts: int) -> list[dict]:
     if n % parts:
         raise ValueError(f"{n} sequences per micro-batch do not split into {parts} minibatches")
     size = n // parts
-    return [{k: v[i * size : (i + 1) * size] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            for i in range(parts)]  # fmt: skip
+    return [take_rows(batch, range(i * size, (i + 1) * size)) for i in range(parts)]
 
 
 class RolloutEngine:

@@ -47,8 +47,12 @@ class SeededSampler(LogitsProcessor):
 
 
 def banned_tokens(tokenizer: Any) -> list[int]:
-    """Special tokens a caption never contains (image placeholders, padding...): all but EOS."""
-    return [i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id]
+    """Special tokens a completion never contains (image placeholders, padding, chat markers...): all but
+    EOS. Added tokens marked special count too: a tokenizer need not name its image or vision-start token
+    among its special-token roles, and a sampled one would make the sequence claim an image it lacks."""
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return sorted(special - {tokenizer.eos_token_id})
 
 
 def generation_inputs(batch: dict) -> dict[str, torch.Tensor]:
@@ -56,22 +60,37 @@ def generation_inputs(batch: dict) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def sample_groups(model: torch.nn.Module, batch: dict, seeds: list[int], group_size: int, cfg: RolloutConfig,
-                  tokenizer: Any) -> torch.Tensor:  # fmt: skip
+def sample_groups(
+    model: torch.nn.Module, batch: dict, seeds: list[int], group_size: int, cfg: RolloutConfig, tokenizer: Any
+) -> torch.Tensor:
     """Completion ids [B*G, L] (row b*G + g: sample g of image b), padded after EOS."""
     inputs = generation_inputs(batch)
-    out = model.generate(**inputs, do_sample=True, num_return_sequences=group_size, temperature=1.0, top_k=None,
-                         top_p=1.0, logits_processor=LogitsProcessorList([SeededSampler(seeds, cfg, banned_tokens(tokenizer))]),
-                         max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    out = model.generate(
+        **inputs,
+        do_sample=True,
+        num_return_sequences=group_size,
+        temperature=1.0,
+        top_k=None,
+        top_p=1.0,
+        logits_processor=LogitsProcessorList([SeededSampler(seeds, cfg, banned_tokens(tokenizer))]),
+        max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return out[:, inputs["input_ids"].shape[1] :]
 
 
 @torch.no_grad()
 def greedy(model: torch.nn.Module, batch: dict, cfg: RolloutConfig, tokenizer: Any) -> torch.Tensor:
     inputs = generation_inputs(batch)
-    out = model.generate(**inputs, do_sample=False, max_new_tokens=cfg.max_new_tokens, suppress_tokens=banned_tokens(tokenizer),
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    out = model.generate(
+        **inputs,
+        do_sample=False,
+        max_new_tokens=cfg.max_new_tokens,
+        suppress_tokens=banned_tokens(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return out[:, inputs["input_ids"].shape[1] :]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rlalign.config.schema import TrackingConfig
+from rlalign.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 CONSOLE_KEYS = ("loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "reward/mean", "kl")
@@ -50,9 +51,7 @@ class Tracker:
             for line in self.path.read_text().splitlines()
             if line and json.loads(line).get("step", 0) <= step
         ]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         with self.path.open("a") as f:

@@ -221,13 +221,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         rt.barrier()
-        model_sd = self.model_state(model)
-        if rt.backend == "deepspeed":
-            model.save_checkpoint(str(tmp / "deepspeed"), tag="state")
-        else:
-            optim_sd = self.optimizer_state(model, optimizer)
-            if rt.is_main:
-                torch.save(optim_sd, tmp / "optimizer.pt")
+        model_sd = rt.model_state(model)
+        rt.save_optimizer(model, optimizer, tmp)
         meta, tensors = _rng_state()
         (tmp / "rng" / f"rank-{rt.rank}.json").write_text(json.dumps(meta))
         save_tensors(tensors, tmp / "rng" / f"rank-{rt.rank}.safetensors")
@@ -279,24 +274,8 @@ class Checkpointer:
         return {n: files[n] for n in names}
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        rt = self.runtime
-        if rt.backend == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(
-                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-        if rt.backend == "deepspeed":
-            return rt.accelerator.get_state_dict(model)
-        return rt.unwrap(model).state_dict() if rt.is_main else {}
-
-    def optimizer_state(self, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
-        if self.runtime.backend == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_optimizer_state_dict(model, optimizer, options=opts)
-        return optimizer.state_dict()
+        """The full model state dict on the main process (see `Runtime.model_state`)."""
+        return self.runtime.model_state(model)
 
     # -- loading --------------------------------------------------------------------------------
     def load(self, path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> TrainState:
@@ -304,25 +283,7 @@ class Checkpointer:
         rt = self.runtime
         state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
         self._check_data_order(path)
-        if rt.backend == "deepspeed":
-            model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=True)
-        else:
-            model_sd = load_file(str(path / "model.safetensors"))
-            optim_sd = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-            if rt.backend == "fsdp2":
-                from torch.distributed.checkpoint.state_dict import (
-                    StateDictOptions,
-                    set_model_state_dict,
-                    set_optimizer_state_dict,
-                )
-
-                set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
-                # parameters that never got a gradient (e.g. an unused final norm) have no AdamW state
-                opts = StateDictOptions(full_state_dict=True, strict=False)
-                set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
-            else:
-                rt.unwrap(model).load_state_dict(model_sd)
-                optimizer.load_state_dict(optim_sd)
+        rt.load_training_state(model, optimizer, path)
         scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         log.info("resumed from %s at step %d", path, state.step)
         return state

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rlalign.config import Recipe, RecipeError, dump_recipe, recipe_to_dict
 from rlalign.data import build_data
 from rlalign.models.builder import ReferenceModel, build_policy
-from rlalign.objectives import build_objective
-from rlalign.objectives.xe import OBJECTIVE_KEYS, token_nll
+from rlalign.objectives import build_objective, is_rollout
 from rlalign.runtime import Runtime, StepOutcome
 from rlalign.tracking import make_tracker, wandb_mode
 from rlalign.trainer.checkpoint import Checkpointer, TrainState, data_order
-from rlalign.trainer.data import eval_shard, step_loader
-from rlalign.trainer.objective_eval import evaluate_objective
-from rlalign.utils.tensors import model_inputs, to_device
+from rlalign.trainer.data import step_loader
+from rlalign.trainer.evaluation import evaluate_sharded, nll_measure, objective_measure
+from rlalign.utils.tensors import to_device
 
 log = logging.getLogger(__name__)
 
@@ -64,53 +64,54 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def optimizer_update(
-    model,
-    objective,
-    window,
-    optimizer,
-    scheduler,
-    runtime,
-    reference,
-    max_grad_norm,
-    *,
-    step: int = 0,
-    on_nonfinite: str = "stop",
-    step_scheduler: bool = True,
-) -> dict:
+@dataclass
+class StepContext:
+    """What every update of a run shares: the prepared model and optimizer, the objective, the reference."""
+
+    model: Any
+    objective: Any
+    optimizer: Any
+    scheduler: Any
+    runtime: Runtime
+    reference: Any = None
+    max_grad_norm: float = 1.0
+    on_nonfinite: str = "stop"
+
+
+def optimizer_update(ctx: StepContext, window: list[dict], *, step: int = 0, step_scheduler: bool = True) -> dict:
     """One optimizer step over `window` (this rank's micro-batches); metrics are global means.
     `step` (1-based) names the update when its loss or gradient norm is non-finite. The learning-rate
     schedule counts loop steps: a rollout step's several updates advance it once (`step_scheduler` on
-    the last)."""
+    the last). `grad_norm` and `lr` are always reported (NaN norm when no micro-batch synchronised)."""
+    runtime, objective = ctx.runtime, ctx.objective
     counts = torch.tensor([sum(objective.count_items(b) for b in window)], dtype=torch.float64)
     items_per_micro = float(runtime.all_reduce(counts)) / (len(window) * runtime.world_size)
     sums: dict[str, float] = {}
     tokens = samples = skipped = 0
     loss_finite = True
+    grad_norm, lr = float("nan"), ctx.scheduler.get_last_lr()[0]
     for batch in window:
         batch = to_device(batch, runtime.device)
-        with runtime.accumulate(model):
-            loss, metrics = objective.loss(model, batch, items_per_micro=items_per_micro, reference=reference)
+        with runtime.accumulate(ctx.model):
+            loss, metrics = objective.loss(ctx.model, batch, items_per_micro=items_per_micro, reference=ctx.reference)
             loss_finite = loss_finite and bool(torch.isfinite(loss.detach()).all())
             runtime.backward(loss)
             if runtime.sync_gradients:
-                lr = scheduler.get_last_lr()[0]
-                outcome = runtime.step(model, optimizer, max_grad_norm, loss_finite)
+                lr = ctx.scheduler.get_last_lr()[0]
+                outcome = runtime.step(ctx.model, ctx.optimizer, ctx.max_grad_norm, loss_finite)
                 if not outcome.finite:
-                    drop_nonfinite(outcome, step, on_nonfinite)
+                    drop_nonfinite(outcome, step, ctx.on_nonfinite)
                     skipped += 1
                 grad_norm, loss_finite = outcome.grad_norm, True
                 if step_scheduler:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                    ctx.scheduler.step()
+                ctx.optimizer.zero_grad(set_to_none=True)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         tokens += int(batch["attention_mask"].sum())
         samples += batch["input_ids"].shape[0]
     keys = sorted(sums)
-    totals = runtime.all_reduce(
-        torch.tensor([sums[k] for k in keys] + [tokens, samples], dtype=torch.float64)
-    )
+    totals = runtime.all_reduce(torch.tensor([sums[k] for k in keys] + [tokens, samples], dtype=torch.float64))
     out = {k: float(totals[i]) / (len(window) * runtime.world_size) for i, k in enumerate(keys)}
     out.update(grad_norm=grad_norm, lr=lr, tokens=float(totals[-2]), samples=float(totals[-1]))
     if skipped:
@@ -135,46 +136,19 @@ def drop_nonfinite(outcome: StepOutcome, step: int, on_nonfinite: str) -> None:
 SUMMED = ("tokens", "samples", "skipped_updates")
 
 
-def train_step(
-    model,
-    objective,
-    window,
-    optimizer,
-    scheduler,
-    runtime,
-    reference,
-    max_grad_norm,
-    step,
-    on_nonfinite: str = "stop",
-) -> dict:
+def train_step(ctx: StepContext, window: list[dict], step: int) -> dict:
     """One loop step (`step` updates done before it). Supervised objectives: one optimizer update over
     `window`. Rollout objectives: `objective.rollout` (seeded by the step) turns `window` into a buffer of
     micro-batches, reused for `inner_epochs` passes of updates of `len(window)` micro-batches each; metrics
     are averaged over the updates."""
-    guard = {"step": step + 1, "on_nonfinite": on_nonfinite}
-    if not objective.needs_rollout:
-        return optimizer_update(
-            model, objective, window, optimizer, scheduler, runtime, reference, max_grad_norm, **guard
-        )
-    buffer, metrics = objective.rollout(model, window, step=step, runtime=runtime, reference=reference)
+    objective = ctx.objective
+    if not is_rollout(objective):
+        return optimizer_update(ctx, window, step=step + 1)
+    buffer, metrics = objective.rollout(ctx.model, window, step=step, runtime=ctx.runtime, reference=ctx.reference)
     accum = len(window)
-    updates = [
-        buffer[i : i + accum] for _ in range(objective.inner_epochs) for i in range(0, len(buffer), accum)
-    ]
+    updates = [buffer[i : i + accum] for _ in range(objective.inner_epochs) for i in range(0, len(buffer), accum)]
     results = [
-        optimizer_update(
-            model,
-            objective,
-            u,
-            optimizer,
-            scheduler,
-            runtime,
-            reference,
-            max_grad_norm,
-            **guard,
-            step_scheduler=i == len(updates) - 1,
-        )
-        for i, u in enumerate(updates)
+        optimizer_update(ctx, u, step=step + 1, step_scheduler=i == len(updates) - 1) for i, u in enumerate(updates)
     ]
     for key in sorted({k for r in results for k in r}):
         total = sum(r.get(key, 0.0) for r in results)
@@ -182,44 +156,22 @@ def train_step(
     return metrics
 
 
-@torch.no_grad()
-def evaluate_nll(model, dataset, collate, runtime: Runtime, size: int, batch_size: int) -> float:
-    """Mean token NLL of the reference captions on `size` validation pairs, sharded over ranks."""
-    picks = [k * len(dataset) // size for k in range(min(size, len(dataset)))]
-    idx, weights = eval_shard(len(picks), runtime.world_size, runtime.rank)
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    for start in range(0, len(idx), batch_size):
-        rows = [dataset[picks[i]] for i in idx[start : start + batch_size]]
-        w = torch.tensor(weights[start : start + batch_size])
-        batch = to_device(collate(rows), runtime.device)
-        nll_BT, mask_BT = token_nll(model(**model_inputs(batch, OBJECTIVE_KEYS)).logits, batch["labels"])
-        total += torch.stack([(nll_BT.sum(1).cpu() * w).sum(), (mask_BT.sum(1).cpu() * w).sum()]).double()
-    model.train()
-    total = runtime.all_reduce(total)
-    return float(total[0] / total[1])
-
-
-def validate(model, objective, data, runtime: Runtime, reference, t) -> dict[str, float]:
+def validate(ctx: StepContext, data, t) -> dict[str, float]:
     """`val/loss` (reference-caption NLL) for caption data; the objective's own loss and metrics
-    (rewards, accuracies) for preference data."""
+    (rewards, accuracies) for preference data. One sharded path for both."""
     if data.val_metric == "loss":
-        return {
-            "val/loss": evaluate_nll(
-                model, data.val, data.collate, runtime, t.eval_size, t.per_device_batch_size
-            )
-        }
-    return evaluate_objective(
-        model, objective, data.val, data.collate, runtime, reference, t.eval_size, t.per_device_batch_size
-    )
+        measure = nll_measure(ctx.model)
+    else:
+        measure = objective_measure(ctx.model, ctx.objective, ctx.reference)
+    return evaluate_sharded(ctx.model, data.val, data.collate, ctx.runtime, t.eval_size, t.per_device_batch_size,
+                            measure)  # fmt: skip
 
 
 def export_final(model, processor, runtime: Runtime, recipe: Recipe, out: Path) -> None:
     """A plain HF checkpoint (config + safetensors + processor) any `from_pretrained` loads."""
     from rlalign.trainer.checkpoint import save_tensors
 
-    ckpt = Checkpointer(out.parent, runtime, 1)
-    state = ckpt.model_state(model)
+    state = runtime.model_state(model)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         bare = runtime.unwrap(model)
@@ -276,7 +228,7 @@ def train(recipe: Recipe) -> Path:
         policy, processor = build_policy(recipe.model, recipe.data)
     objective = build_objective(recipe, processor)
     reference = ReferenceModel.build(recipe.model.reference, policy, runtime)
-    data = build_data(objective.data_kind, recipe, processor)
+    data = build_data(objective.data_kind, recipe, processor, objective)
     train_set = data.train
     o = recipe.optim
     model, optimizer, scheduler = runtime.prepare(
@@ -318,6 +270,8 @@ def train(recipe: Recipe) -> Path:
     )
     if resume_from is not None:
         ckpt.restore_rng(resume_from)
+    ctx = StepContext(model, objective, optimizer, scheduler, runtime, reference, recipe.optim.max_grad_norm,
+                      t.on_nonfinite)  # fmt: skip
     preemption = Preemption()
     batches = iter(loader)
     with Progress(
@@ -331,18 +285,7 @@ def train(recipe: Recipe) -> Path:
         while state.step < t.max_steps:
             started = time.perf_counter()
             window = [next(batches) for _ in range(t.grad_accum_steps)]
-            m = train_step(
-                model,
-                objective,
-                window,
-                optimizer,
-                scheduler,
-                runtime,
-                reference,
-                recipe.optim.max_grad_norm,
-                state.step,
-                t.on_nonfinite,
-            )
+            m = train_step(ctx, window, state.step)
             state.step += 1
             state.samples_seen += int(m["samples"])
             elapsed = time.perf_counter() - started
@@ -353,7 +296,7 @@ def train(recipe: Recipe) -> Path:
             )
             last = state.step == t.max_steps
             if (t.eval_every and state.step % t.eval_every == 0) or last:
-                m.update(validate(model, objective, data, runtime, reference, t))
+                m.update(validate(ctx, data, t))
             if state.step % t.log_every == 0 or last or "val/loss" in m:
                 tracker.log(m, state.step)
             bar.update(task, completed=state.step, info=f"loss {m['loss']:.4f}")

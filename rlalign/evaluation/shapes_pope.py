@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from rlalign.data.shapes import ShapesConfig, make_item
 from rlalign.evaluation.pope import SPLITS
+from rlalign.utils.io import atomic_write_text
 
 TEMPLATE = "Is there a {} in the image?"
 
@@ -148,8 +148,6 @@ def write_shapes_pope(
                 rows.append(json.dumps(row))
                 qid += 1
         path = question_file(out, strategy)
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "\n".join(rows) + "\n")
         files[strategy] = path
     return files

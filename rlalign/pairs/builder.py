@@ -20,13 +20,18 @@ Sentence embeddings default to tf-idf over 1..n-grams of lowercased words, with 
 (log((1 + N) / (1 + df)) + 1) over all reference captions of the pool: deterministic, and the same
 on every rank.
 
+Devices: the refill model, the image embedder and exact search run on the GPU when one is present
+(`rlalign.runtime.Runtime.for_tools`) unless `pairs.device` is `cpu`; the pool is embedded once,
+sharded over ranks and cached in shards (`rlalign.retrieval.embed_store`), and its vectors are the
+queries too.
+
 Sharding and resumption: the pool is cut into shards of `shard_size` images; process r of W takes
 shards r, r + W, ... (`accelerate launch` sets W). Before the first shard, `manifest.json` records
 everything the rows depend on (`pair_manifest`); a restart whose manifest differs is refused naming
 the first difference, and `overwrite` (`--overwrite`) starts over. Each shard file is written to a
 temp name and renamed, then its record (rows, bytes, sha256); a shard counts as done only while its
 file matches its record, checked before resuming and again before assembly, and a damaged one is
-rebuilt, logged by name (`rlalign.retrieval.pair_store`). The dataset is all shards concatenated in
+rebuilt, logged by name (`rlalign.pairs.store`). The dataset is all shards concatenated in
 shard order, whatever the number of processes.
 """
 
@@ -38,7 +43,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +52,11 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from rlalign.config.pairs import IndexConfig, PairsConfig
 from rlalign.data.collate import TOKEN_ALIGNED, encode_prompts
 from rlalign.data.shapes import COLORS, POSITION_PHRASES, SHAPE_WORDS
-from rlalign.retrieval.config import PairsConfig
-from rlalign.retrieval.index import _atomic_write
-from rlalign.retrieval.pair_store import (
+from rlalign.ops import token_logprobs
+from rlalign.pairs.store import (
     DATASET_FILE,
     INDEX_DIR,
     MANIFEST_VERSION,
@@ -66,6 +71,11 @@ from rlalign.retrieval.pair_store import (
     shard_problem,
     write_shard,
 )
+from rlalign.retrieval.embed_store import Column, embed_pool
+from rlalign.retrieval.embedder import ImageEmbedder
+from rlalign.runtime import Runtime
+from rlalign.utils.io import atomic_write
+from rlalign.utils.tensors import to_device
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +213,9 @@ def response_logprobs(
                 f"processor output '{key}' is not one row per image; cannot batch refills"
             )
         inputs[key] = value[g]
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    logits_BTV = model(**inputs).logits[:, p - 1 : -1].float()
-    logp_BT = torch.log_softmax(logits_BTV, dim=-1).gather(-1, ids[:, p:, None].to(model.device))[..., 0]
-    return (logp_BT * mask[:, p:].to(model.device)).sum(dim=1).cpu()
+    inputs = to_device(inputs, model.device)
+    logp_BT = token_logprobs(model(**inputs).logits[:, p - 1 : -1], inputs["input_ids"][:, p:])
+    return (logp_BT * inputs["attention_mask"][:, p:]).sum(dim=1).cpu()
 
 
 def refill(
@@ -292,6 +301,14 @@ class HFSentences:
 
 # ------------------------------------------------------------------------------------ the manifest
 
+PLACEMENT_KEYS = ("device", "gpu_mode", "target_recall")
+"""`pairs.index` keys that say where or how the index was tuned, not what it returns."""
+
+
+def index_settings(config: IndexConfig) -> dict[str, Any]:
+    """The index settings the rows depend on (all but `PLACEMENT_KEYS`)."""
+    return {k: v for k, v in asdict(config).items() if k not in PLACEMENT_KEYS}
+
 
 def pair_manifest(recipe: Any, pool: Dataset, embedder: Any, model: torch.nn.Module, processor: Any) -> dict:
     """Everything the rows depend on: the settings by recipe key (in the order a difference is reported),
@@ -331,7 +348,7 @@ def pair_manifest(recipe: Any, pool: Dataset, embedder: Any, model: torch.nn.Mod
     if cfg.service_url:
         settings["pairs.service_index"] = cfg.service_index
     else:
-        settings.update({f"pairs.index.{k}": v for k, v in asdict(cfg.index).items()})
+        settings.update({f"pairs.index.{k}": v for k, v in index_settings(cfg.index).items()})
     manifest = {
         "version": MANIFEST_VERSION,
         "settings": settings,
@@ -347,19 +364,30 @@ def pair_manifest(recipe: Any, pool: Dataset, embedder: Any, model: torch.nn.Mod
 # ------------------------------------------------------------------------------------------ shards
 
 
+Search = Callable[[np.ndarray, int, np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""`search(queries [Q, D], k, exclude_ids [Q]) -> (scores [Q, k], pool positions [Q, k])`."""
+
+
 @dataclass(frozen=True)
-class _Build:
+class BuildState:
     """What writing a shard needs, fixed for the whole run."""
 
     recipe: Any
+    """The `rlalign.config.Recipe` being built."""
+    runtime: Runtime
+    """Ranks, collectives and this process's device."""
+    device: torch.device
+    """Where the refill model runs (the runtime's, or the CPU when `pairs.device` is `cpu`)."""
     pool: Dataset
     refs: list[list[str]]
     ids: list[str]
-    embedder: Any
-    search: Callable[[np.ndarray, int, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    embedder: ImageEmbedder
+    vectors: np.ndarray
+    """The pool's embeddings [N, D], row i = pool image i (queries and index alike)."""
+    search: Search
     model: torch.nn.Module
     processor: Any
-    sentences: Any
+    sentences: TfidfSentences | HFSentences
     vocab: dict[str, list[str]]
     features: datasets.Features
     shard_dir: Path
@@ -370,12 +398,12 @@ class _Build:
         return self.recipe.pairs
 
 
-def _shard_rows(rows: list[int], chosen: list[str], b: _Build) -> dict[str, list]:
+def _shard_rows(rows: list[int], chosen: list[str], b: BuildState) -> dict[str, list]:
     """The pairs of one shard (pool positions `rows`), as columns. Try t refills, for every row still
     without a rejected answer, its t-th retrieved image, all rows in one batch."""
     cfg, pool, prompt = b.cfg, b.pool, b.recipe.data.prompt
     images = [pool[i]["image"] for i in rows]
-    sims, hits = b.search(b.embedder.embed(images), cfg.top_k, np.asarray(rows, dtype=np.int64))
+    sims, hits = b.search(b.vectors[rows], cfg.top_k, np.asarray(rows, dtype=np.int64))
     templates = [mask_template(c, b.vocab) for c in chosen]
     tried = [[int(h) for h in row if h >= 0] for row in hits]
     result: dict[int, tuple[int, str, float]] = {}  # row j -> (try, rejected, text cosine)
@@ -419,7 +447,7 @@ def _shard_rows(rows: list[int], chosen: list[str], b: _Build) -> dict[str, list
     return cols
 
 
-def _write_shard(b: _Build, s: int) -> None:
+def _write_shard(b: BuildState, s: int) -> None:
     """Build shard `s` and write it with its record."""
     from rlalign.evaluate import generate_captions
 
@@ -439,10 +467,17 @@ def _write_shard(b: _Build, s: int) -> None:
 # ------------------------------------------------------------------------------------------ building
 
 
-def _retriever(cfg: PairsConfig, out: Path, embedder: Any, pool: Dataset, state: Any):
+def index_config(cfg: PairsConfig) -> IndexConfig:
+    """The recipe's index settings, kept off the GPU when `pairs.device` is `cpu`."""
+    return replace(cfg.index, device="cpu") if cfg.device == "cpu" else cfg.index
+
+
+def _retriever(
+    cfg: PairsConfig, out: Path, vectors: np.ndarray, fingerprint: str, runtime: Runtime
+) -> Search:
     """A `search(queries, k, exclude_ids)` over the pool: the service, or the saved in-process index
     (built once by rank 0 when `out/index` is missing, or was built by another encoder, over another
-    number of images or with other settings)."""
+    number of images or with other settings), loaded by every rank on its device."""
     if cfg.service_url:
         from rlalign.retrieval.client import IndexClient
 
@@ -450,32 +485,46 @@ def _retriever(cfg: PairsConfig, out: Path, embedder: Any, pool: Dataset, state:
         return lambda q, k, ex: client.knn(cfg.service_index, q, k, exclude_ids=ex)
     from rlalign.retrieval.index import IndexMetadataError, VectorIndex
 
-    def load():
-        index = VectorIndex.load(out / INDEX_DIR, expect_fingerprint=embedder.fingerprint, device="cpu")
-        built = {name: getattr(index.config, name) for name in asdict(cfg.index)}
-        if index.count != len(pool) or built != asdict(cfg.index):
+    config = index_config(cfg)
+
+    def load() -> VectorIndex:
+        index = VectorIndex.load(out / INDEX_DIR, expect_fingerprint=fingerprint, device=config.device)
+        built = index_settings(index.config)
+        if index.count != len(vectors) or built != index_settings(config):
             raise IndexMetadataError(f"{out / INDEX_DIR}: {index.count} images, {built}")
         return index
 
-    if state.is_main_process:  # every rank meets the barrier below, whether or not rank 0 builds
+    if runtime.is_main:  # every rank meets the barrier below, whether or not rank 0 builds
         try:
             load()
         except (FileNotFoundError, IndexMetadataError):
-            build_index(cfg, embedder, pool["image"], out / INDEX_DIR)
-    state.wait_for_everyone()
+            save_index(config, vectors, fingerprint, out / INDEX_DIR)
+    runtime.barrier()
     index = load()
     return lambda q, k, ex: index.search(q, k, exclude_ids=ex)
 
 
-def build_index(cfg: PairsConfig, embedder: Any, images: list, directory: Path) -> Any:
-    """Embed `images` and save a `VectorIndex` of them (ids = pool positions) with the encoder fingerprint."""
-    from rlalign.retrieval.index import IndexConfig, VectorIndex
+def save_index(config: IndexConfig, vectors: np.ndarray, fingerprint: str, directory: Path) -> Any:
+    """Save a `VectorIndex` of `vectors` (ids = pool positions) under the encoder `fingerprint`."""
+    from rlalign.retrieval.index import VectorIndex
 
-    vectors = embedder.embed(images)
-    config = IndexConfig(**asdict(cfg.index), device="cpu")
-    index = VectorIndex.build(vectors, np.arange(len(images)), config, fingerprint=embedder.fingerprint)
+    index = VectorIndex.build(vectors, np.arange(len(vectors)), config, fingerprint=fingerprint)
     index.save(directory)
-    log.info("index: %d images, dim %d, %s -> %s", len(images), index.dim, cfg.index.kind, directory)
+    log.info("index: %d images, dim %d, %s -> %s", len(vectors), index.dim, config.kind, directory)
+    return index
+
+
+def build_index(
+    cfg: PairsConfig, embedder: ImageEmbedder, images: Any, directory: Path, runtime: Runtime | None = None
+) -> Any:
+    """Embed `images` (sharded over the runtime's ranks, resumable) and save a `VectorIndex` of them from
+    rank 0 (ids = pool positions, with the encoder fingerprint); returns it on rank 0, None elsewhere."""
+    vectors, _ = embed_pool(embedder, images, runtime)
+    index = None
+    if runtime is None or runtime.is_main:
+        index = save_index(index_config(cfg), vectors, embedder.fingerprint, directory)
+    if runtime is not None:
+        runtime.barrier()
     return index
 
 
@@ -495,13 +544,13 @@ def build_pairs(recipe: Any, overwrite: bool = False) -> Path:
     A folder built with other settings is refused with a `RecipeError` naming the first setting that
     differs, before anything is written; `overwrite` starts over instead.
     """
-    from accelerate import PartialState
     from rich.progress import Progress
 
     from rlalign.retrieval.embedder import build_embedder
 
     cfg: PairsConfig = recipe.pairs
-    state = PartialState(cpu=not torch.cuda.is_available())
+    runtime = Runtime.for_tools()
+    device = runtime.device if cfg.device == "auto" else torch.device("cpu")
     out = Path(cfg.output_dir)
     pool = load_pool(recipe)
     embedder, model, processor = build_embedder(recipe)
@@ -511,16 +560,21 @@ def build_pairs(recipe: Any, overwrite: bool = False) -> Path:
         model, processor = load_base(recipe.model, recipe.data)
         model.eval()
     manifest = pair_manifest(recipe, pool, embedder, model, processor)
-    claim_output(out, manifest, overwrite, state)
-    model.to(state.device)
+    claim_output(out, manifest, overwrite, runtime)
+    embedder.tower.to(device)
+    vectors, _ = embed_pool(embedder, Column(pool, "image"), runtime)
+    model.to(device)
     refs = [c if isinstance(c, list) else [c] for c in pool["captions"]]
-    b = _Build(
+    b = BuildState(
         recipe=recipe,
+        runtime=runtime,
+        device=device,
         pool=pool,
         refs=refs,
         ids=pool["image_id"],
         embedder=embedder,
-        search=_retriever(cfg, out, embedder, pool, state),
+        vectors=vectors,
+        search=_retriever(cfg, out, vectors, embedder.fingerprint, runtime),
         model=model,
         processor=processor,
         sentences=_sentences(cfg, refs),
@@ -531,18 +585,18 @@ def build_pairs(recipe: Any, overwrite: bool = False) -> Path:
     )
     b.shard_dir.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(len(pool) / cfg.shard_size)
-    mine = range(state.process_index, n_shards, state.num_processes)
+    mine = range(runtime.rank, n_shards, runtime.world_size)
     todo = _shards_to_do(b, mine)
     log.info("pairs: %d images, %d shards, %d of %d mine to do", len(pool), n_shards, len(todo), len(mine))
-    with Progress(disable=not state.is_main_process) as progress:
+    with Progress(disable=not runtime.is_main) as progress:
         task = progress.add_task("pairs", total=len(mine), completed=len(mine) - len(todo))
         for s in todo:
             _write_shard(b, s)
             progress.advance(task)
-    state.wait_for_everyone()
-    if state.is_main_process:
+    runtime.barrier()
+    if runtime.is_main:
         _assemble(b, out, n_shards)
-    state.wait_for_everyone()
+    runtime.barrier()
     return out / DATASET_FILE
 
 
@@ -552,7 +606,7 @@ def _sentences(cfg: PairsConfig, refs: list[list[str]]) -> TfidfSentences | HFSe
     return HFSentences(cfg.sentence_encoder)
 
 
-def _shards_to_do(b: _Build, shards: Iterable[int]) -> list[int]:
+def _shards_to_do(b: BuildState, shards: Iterable[int]) -> list[int]:
     """The shards that are not whole, logging each one that exists but is damaged (it will be rebuilt)."""
     todo = []
     for s in shards:
@@ -564,7 +618,7 @@ def _shards_to_do(b: _Build, shards: Iterable[int]) -> list[int]:
     return todo
 
 
-def _assemble(b: _Build, out: Path, n_shards: int) -> None:
+def _assemble(b: BuildState, out: Path, n_shards: int) -> None:
     """Verify every shard (rebuilding any that is not whole), then join them in shard order."""
     for stale in b.shard_dir.glob(".shard-*.tmp-*"):  # left by a killed run; every process is done now
         stale.unlink(missing_ok=True)
@@ -572,7 +626,7 @@ def _assemble(b: _Build, out: Path, n_shards: int) -> None:
         _write_shard(b, s)
     shards = [Dataset.from_parquet(str(shard_paths(b.shard_dir, s)[0])) for s in range(n_shards)]
     full = datasets.concatenate_datasets(shards)
-    _atomic_write(out / DATASET_FILE, lambda tmp: full.to_parquet(str(tmp)))
+    atomic_write(out / DATASET_FILE, lambda tmp: full.to_parquet(str(tmp)))
     stats = {
         "pool": len(b.pool),
         "pairs": len(full),
@@ -582,5 +636,5 @@ def _assemble(b: _Build, out: Path, n_shards: int) -> None:
         "embedded_this_run": b.embedder.embedded,
         "mean_tries": float(np.mean(full["tries"])) if len(full) else 0.0,
     }
-    _atomic_write(out / STATS_FILE, lambda tmp: tmp.write_text(json.dumps(stats, indent=2) + "\n"))
+    atomic_write(out / STATS_FILE, lambda tmp: tmp.write_text(json.dumps(stats, indent=2) + "\n"))
     log.info("pairs: %d of %d images gave a pair -> %s", len(full), len(b.pool), out / DATASET_FILE)

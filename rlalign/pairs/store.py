@@ -2,7 +2,7 @@
 the first shard, and a record of each shard (rows, bytes, sha256, manifest digest) written after it.
 
 A build refuses a folder whose manifest differs from its own, naming the first difference, and
-counts a shard done only when its file matches its record; see `rlalign.retrieval.pairs`.
+counts a shard done only when its file matches its record; see `rlalign.pairs.builder`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from datasets import Dataset
 
 from rlalign.config import RecipeError
 from rlalign.retrieval.embedder import encoder_fingerprint
-from rlalign.retrieval.index import _atomic_write as atomic_write
+from rlalign.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def holds_pairs(out: Path) -> bool:
     )
 
 
-def claim_output(out: Path, manifest: dict, overwrite: bool, state: Any) -> None:
+def claim_output(out: Path, manifest: dict, overwrite: bool, runtime: Any) -> None:
     """Make `out` this build's before anything is written there. Every rank decides alike whether to refuse
     (a folder built with other settings, or holding pairs but no manifest), from files only rank 0 changes;
     rank 0 empties the folder when `overwrite`, and writes the manifest before any shard."""
@@ -137,7 +137,7 @@ def claim_output(out: Path, manifest: dict, overwrite: bool, state: Any) -> None
             )
         if stored is not None and (difference := manifest_difference(stored, manifest)):
             raise RecipeError(f"{path}: {difference}; {_START_OVER}")
-    if state.is_main_process and stored is None:
+    if runtime.is_main and stored is None:
         if overwrite:
             for name in (SHARDS_DIR, INDEX_DIR):
                 shutil.rmtree(out / name, ignore_errors=True)
@@ -146,7 +146,7 @@ def claim_output(out: Path, manifest: dict, overwrite: bool, state: Any) -> None
             log.info("pairs: --overwrite: starting over in %s", out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
-    state.wait_for_everyone()
+    runtime.barrier()
 
 
 # ------------------------------------------------------------------------------------------ shards
