@@ -61,22 +61,39 @@ def _xe(runs: Path) -> list[str]:
 
 
 def _pairs_for(name: str) -> Callable[[Path], list[str]]:
-    return lambda runs: [*_xe(runs), f"data.pairs_path={runs / 'pairs' / 'pairs.parquet'}",
-                         f"objective.{name}.ref_cache_dir={runs / f'ref-logps-{name}'}"]  # fmt: skip
+    return lambda runs: [
+        *_xe(runs),
+        f"data.pairs_path={runs / 'pairs' / 'pairs.parquet'}",
+        f"objective.{name}.ref_cache_dir={runs / f'ref-logps-{name}'}",
+    ]
 
 
 STAGES = [
-    Stage("xe", "train", "demo/shapes-xe.yaml", lambda runs: [], seeded=False,
-          quick=("trainer.max_steps=40", "trainer.eval_every=20")),
+    Stage(
+        "xe",
+        "train",
+        "demo/shapes-xe.yaml",
+        lambda runs: [],
+        seeded=False,
+        quick=("trainer.max_steps=40", "trainer.eval_every=20"),
+    ),
     Stage("scst", "train", "demo/shapes-scst.yaml", _xe),
     Stage("grpo", "train", "demo/shapes-grpo.yaml", _xe, quick=("trainer.max_steps=3",)),
-    Stage("pairs", "pairs build", "demo/shapes-pairs.yaml",
-          lambda runs: [*_xe(runs), f"pairs.output_dir={runs / 'pairs'}",
-                        f"pairs.embedder.cache_dir={runs / 'embedding-cache'}"],
-          seeded=False, quick=("pairs.pool_size=48", "pairs.shard_size=16")),
+    Stage(
+        "pairs",
+        "pairs build",
+        "demo/shapes-pairs.yaml",
+        lambda runs: [
+            *_xe(runs),
+            f"pairs.output_dir={runs / 'pairs'}",
+            f"pairs.embedder.cache_dir={runs / 'embedding-cache'}",
+        ],
+        seeded=False,
+        quick=("pairs.pool_size=48", "pairs.shard_size=16"),
+    ),
     Stage("dpo", "train", "demo/shapes-dpo.yaml", _pairs_for("dpo")),
     Stage("rdpo", "train", "demo/shapes-rdpo.yaml", _pairs_for("rdpo")),
-]  # fmt: skip
+]
 
 
 def _run_dir(runs: Path, stage: Stage, seed: int) -> Path:
@@ -93,9 +110,18 @@ def _run(stage: Stage, runs: Path, seed: int, quick: bool) -> Path:
             out,
         )
         return out
-    cmd = [sys.executable, "-m", "rlalign.cli", *stage.command.split(), str(RECIPES_DIR / stage.recipe),
-           f"trainer.output_dir={out}", f"trainer.seed={seed}", "tracking.backend=none", *stage.inputs(runs),
-           *((*QUICK, *stage.quick) if quick else ())]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlalign.cli",
+        *stage.command.split(),
+        str(RECIPES_DIR / stage.recipe),
+        f"trainer.output_dir={out}",
+        f"trainer.seed={seed}",
+        "tracking.backend=none",
+        *stage.inputs(runs),
+        *((*QUICK, *stage.quick) if quick else ()),
+    ]
     log.info(
         "stage %s%s: rlalign %s", stage.name, f" (seed {seed})" if stage.seeded else "", " ".join(cmd[3:])
     )
@@ -204,37 +230,55 @@ def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str
         name: {k: float(np.mean([e.metrics[k] for e in es])) for k in es[0].metrics}
         for name, es in evals.items()
     }
-    spread = {name: {k: float(np.std([e.metrics[k] for e in es])) for k in es[0].metrics}
-              for name, es in evals.items() if len(es) > 1}  # fmt: skip
+    spread = {
+        name: {k: float(np.std([e.metrics[k] for e in es])) for k in es[0].metrics}
+        for name, es in evals.items()
+        if len(es) > 1
+    }
     anchor = "xe" if "xe" in evals else "init"
     rows["chance"] = {
         k.removeprefix("chance/"): v for k, v in rows[anchor].items() if k.startswith("chance/")
     }
-    report: dict = {"metrics": rows, "spread": spread, "seeds": seeds, "quick": quick, "stage_seconds": timings,
-                    "test_images": len(init.image_ids)}  # fmt: skip
-    md = ["# rlalign demo: the shapes world\n",
-          f"A tiny Llava from random weights, trained on CPU. {len(init.image_ids)} held-out test images, greedy "
-          f"captions; {seeds} seed(s) per RL / preference method (mean ± std over seeds). "
-          f"Stage times: {', '.join(f'{k} {v:.0f} s' if v >= 1 else f'{k} reused' for k, v in timings.items())}"
-          f"{' (quick mode)' if quick else ''}.\n",
-          "## Test split\n", _table(rows, spread),
-          "\n`chance`: each image scored against another image's reference caption (a model that ignores its "
-          "input). hallucination_rate: share of mentioned shapes and colours not in the image (lower is better). "
-          "distinct_2 / self_bleu: diversity over 5 sampled captions per image (higher / lower is more diverse).\n"]  # fmt: skip
+    report: dict = {
+        "metrics": rows,
+        "spread": spread,
+        "seeds": seeds,
+        "quick": quick,
+        "stage_seconds": timings,
+        "test_images": len(init.image_ids),
+    }
+    md = [
+        "# rlalign demo: the shapes world\n",
+        f"A tiny Llava from random weights, trained on CPU. {len(init.image_ids)} held-out test images, greedy "
+        f"captions; {seeds} seed(s) per RL / preference method (mean ± std over seeds). "
+        f"Stage times: {', '.join(f'{k} {v:.0f} s' if v >= 1 else f'{k} reused' for k, v in timings.items())}"
+        f"{' (quick mode)' if quick else ''}.\n",
+        "## Test split\n",
+        _table(rows, spread),
+        "\n`chance`: each image scored against another image's reference caption (a model that ignores its "
+        "input). hallucination_rate: share of mentioned shapes and colours not in the image (lower is better). "
+        "distinct_2 / self_bleu: diversity over 5 sampled captions per image (higher / lower is more diverse).\n",
+    ]
     if "xe" in done:
         hist = _history(done["xe"][0])
         vals = [r["val/loss"] for r in hist if "val/loss" in r]
         report["val_loss"] = {"xe": {"first": vals[0], "last": vals[-1]}}
         _plot_curves({"xe": done["xe"]}, "val/loss", "XE validation loss", out / "learning_curve.png")
-        md += ["## XE\n", f"Validation loss {vals[0]:.3f} (first eval) → {vals[-1]:.3f} (last).\n",
-               "![learning curve](learning_curve.png)\n"]  # fmt: skip
+        md += [
+            "## XE\n",
+            f"Validation loss {vals[0]:.3f} (first eval) → {vals[-1]:.3f} (last).\n",
+            "![learning curve](learning_curve.png)\n",
+        ]
     rl = {k: v for k, v in done.items() if k in ("scst", "grpo")}
     if rl:
         _plot_curves(
             rl, "reward_mean", "sampled-caption reward (CIDEr-D), spread across seeds", out / "rewards.png"
         )
-        md += ["## SCST and GRPO\n", "Both start from the XE checkpoint with the same budget of sampled captions.\n",
-               "![rewards](rewards.png)\n"]  # fmt: skip
+        md += [
+            "## SCST and GRPO\n",
+            "Both start from the XE checkpoint with the same budget of sampled captions.\n",
+            "![rewards](rewards.png)\n",
+        ]
     if "pairs" in done:
         from datasets import Dataset
 
@@ -243,12 +287,17 @@ def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str
         pairs = Dataset.from_parquet(str(done["pairs"][0] / "pairs.parquet"))
         report["pairs"] = pair_stats(pairs)
         render_pairs(pairs, out / "pairs.png", 4)
-        md += ["## RE-ALIGN pairs\n", "```\n" + json.dumps(report["pairs"], indent=1) + "\n```\n",
-               "![pairs](pairs.png)\n"]  # fmt: skip
+        md += [
+            "## RE-ALIGN pairs\n",
+            "```\n" + json.dumps(report["pairs"], indent=1) + "\n```\n",
+            "![pairs](pairs.png)\n",
+        ]
     pref = {k: v for k, v in done.items() if k in ("dpo", "rdpo")}
     if pref:
-        report["preference"] = {k: {m: v for m, v in _history(dirs[0])[-1].items() if m.startswith("val/")}
-                                for k, dirs in pref.items()}  # fmt: skip
+        report["preference"] = {
+            k: {m: v for m, v in _history(dirs[0])[-1].items() if m.startswith("val/")}
+            for k, dirs in pref.items()
+        }
         _plot_curves(pref, "rewards/margins", "DPO / rDPO reward margin (train)", out / "preference.png")
         md += [
             "## DPO and rDPO\n",

@@ -24,6 +24,7 @@ from rlalign.data.captions import load_split
 from rlalign.data.collate import encode_prompts
 from rlalign.data.shapes import COLOR_WORDS, SHAPE_WORDS, mentioned
 from rlalign.rewards import CiderD, corpus_bleu, normalize, self_bleu
+from rlalign.utils.tensors import to_device
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,23 @@ class CaptionEval:
 
 @torch.no_grad()
 def generate_captions(
-    model: torch.nn.Module, processor: Any, images: list, prompt: str = "", *, max_new_tokens: int = 32,
-    batch_size: int = 32, do_sample: bool = False, temperature: float = 1.0,
-) -> list[str]:  # fmt: skip
+    model: torch.nn.Module,
+    processor: Any,
+    images: list,
+    prompt: str = "",
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+) -> list[str]:
     """Greedy (or sampled) captions, decoded without special tokens and stripped."""
     model.eval()
     out: list[str] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         enc = encode_prompts(processor, chunk, [prompt] * len(chunk), padding_side="left")
-        enc = {k: v.to(model.device) for k, v in enc.items()}
+        enc = to_device(enc, model.device)
         kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
         if do_sample:
             kwargs["temperature"] = temperature
@@ -107,9 +115,13 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Any]:
 
 
 def evaluate_captioner(
-    model_or_path: str | Path | tuple[torch.nn.Module, Any], data: DataConfig, *, split: str = "test",
-    limit: int | None = None, n_samples: int = 8,
-) -> CaptionEval:  # fmt: skip
+    model_or_path: str | Path | tuple[torch.nn.Module, Any],
+    data: DataConfig,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    n_samples: int = 8,
+) -> CaptionEval:
     """Greedy captions of `split` with CIDEr-D, BLEU-4 and (shapes world) grounding metrics."""
     model, processor = load_model(model_or_path) if isinstance(model_or_path, str | Path) else model_or_path
     ds = load_split(data, split)
@@ -125,13 +137,23 @@ def evaluate_captioner(
         metrics.update(grounding(captions, objects))
         shift = np.roll(np.arange(len(refs)), 1)  # image i gets the first reference of image i-1
         metrics.update({f"chance/{k}": v for k, v in grounding([refs[j][0] for j in shift], objects).items()})
-    samples = [{"image": images[i], "image_id": ids[i], "caption": captions[i], "refs": refs[i]}
-               for i in range(min(n_samples, len(ids)))]  # fmt: skip
+    samples = [
+        {"image": images[i], "image_id": ids[i], "caption": captions[i], "refs": refs[i]}
+        for i in range(min(n_samples, len(ids)))
+    ]
     return CaptionEval(metrics=metrics, captions=captions, image_ids=list(ids), samples=samples)
 
 
-def diversity(model: torch.nn.Module, processor: Any, data: DataConfig, *, split: str = "test", limit: int = 50,
-              samples: int = 5, temperature: float = 1.0) -> dict[str, float]:  # fmt: skip
+def diversity(
+    model: torch.nn.Module,
+    processor: Any,
+    data: DataConfig,
+    *,
+    split: str = "test",
+    limit: int = 50,
+    samples: int = 5,
+    temperature: float = 1.0,
+) -> dict[str, float]:
     """distinct-1/2 (unique n-grams / n-grams over all samples) and mean self-BLEU of `samples` sampled
     captions per image, on the first `limit` images of `split` (seeded, so reruns agree)."""
     ds = load_split(data, split)
@@ -139,8 +161,15 @@ def diversity(model: torch.nn.Module, processor: Any, data: DataConfig, *, split
     images = [im for im in ds["image"] for _ in range(samples)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        caps = generate_captions(model, processor, images, data.prompt, max_new_tokens=data.max_response_tokens,
-                                 do_sample=True, temperature=temperature)  # fmt: skip
+        caps = generate_captions(
+            model,
+            processor,
+            images,
+            data.prompt,
+            max_new_tokens=data.max_response_tokens,
+            do_sample=True,
+            temperature=temperature,
+        )
     out = {}
     for n in (1, 2):
         grams = [tuple(w[i : i + n]) for c in caps for w in [c.split()] for i in range(len(w) - n + 1)]

@@ -306,7 +306,9 @@ class Runtime:
         if self.backend == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
         if self.backend == "deepspeed":
             return self.accelerator.get_state_dict(model)
         return self.unwrap(model).state_dict() if self.is_main else {}
@@ -396,8 +398,9 @@ class Runtime:
             else:
                 yield ParamShard(name, tuple(p.shape), p, replicated=True)
 
-    def parameter_sums(self, model: torch.nn.Module, skip: Callable[[str], bool] = lambda name: False
-                       ) -> tuple[list[str], torch.Tensor]:  # fmt: skip
+    def parameter_sums(
+        self, model: torch.nn.Module, skip: Callable[[str], bool] = lambda name: False
+    ) -> tuple[list[str], torch.Tensor]:
         """(`name:shape` per parameter, float64 [P, 2] sums of x and x^2 over all ranks): the same numbers
         under any number of ranks and any sharding (a replicated tensor counts once, from rank 0)."""
         names, stats = [], []

@@ -18,8 +18,13 @@ TINY = "recipes/test/tiny-xe.yaml"
 
 def make_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
-               PYTHONUNBUFFERED="1")  # fmt: skip
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="disabled",
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("WANDB_API_KEY", None)
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     env.update(extra)
@@ -63,8 +68,17 @@ def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 def accelerate_cmd(config: str, nproc: int, *target: str, port: int | None = None) -> list[str]:
     """`accelerate launch` with a shipped launch file on `nproc` CPU processes, running `target` (a script, or
     `-m module ...`)."""
-    return [str(BIN / "accelerate"), "launch", "--config_file", f"launch/{config}", "--num_processes", str(nproc),
-            "--main_process_port", str(port or free_port()), *target]  # fmt: skip
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        f"launch/{config}",
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(port or free_port()),
+        *target,
+    ]
 
 
 def launch_cmd(

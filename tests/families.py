@@ -1,6 +1,6 @@
 """Tiny random-weight checkpoints of real VLM families, saved the way the hub ships them, offline.
 
-Llava-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Idefics3: byte-level BPE tokenizers trained here on a
+Llava-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3 and Gemma 3: byte-level BPE tokenizers trained here on a
 six-line corpus, Pillow image processors (no torchvision), configs of hidden size 32-64 and one layer,
 so each builds and runs in well under a second. Shared by the tests of the model layer, the per-family
 parity tests and the support matrix.
@@ -18,6 +18,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
@@ -363,11 +367,88 @@ def save_llava_next(path: Path) -> None:
     processor.save_pretrained(path)
 
 
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def save_gemma3(path: Path) -> None:
+    """Gemma 3: image tokens attend to each other both ways (`token_type_ids` marks them), so its
+    preference pairs are not packed."""
+    specials = [
+        "<pad>",
+        "<bos>",
+        "<eos>",
+        "<unk>",
+        "<start_of_image>",
+        "<end_of_image>",
+        "<image_soft_token>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+    ]
+    roles = {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+    }
+    tok = bpe(
+        specials,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<end_of_turn>",
+        unk_token="<unk>",
+        extra_special_tokens=roles,
+    )
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    # image 32, patch 8: 4 x 4 patches, average-pooled into 2 x 2 = 4 image tokens.
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=4
+    )
+    ids = tok.convert_tokens_to_ids
+    config = Gemma3Config(
+        text_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=len(tok),
+            sliding_window=64,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        mm_tokens_per_image=4,
+        boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"),
+    )
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+
+
 FAMILIES: dict[str, Callable[[Path], None]] = {
     "llava": save_llava,
     "llava_next": save_llava_next,
     "qwen2_vl": save_qwen2_vl,
     "qwen2_5_vl": save_qwen2_5_vl,
     "idefics3": save_idefics3,
+    "gemma3": save_gemma3,
 }
 """model_type -> builder writing a tiny checkpoint of that family into a folder."""

@@ -32,8 +32,16 @@ def test_every_shipped_recipe_validates_and_opens_with_its_launch_command(path):
 
 
 def test_base_inheritance_and_overrides():
-    r = load_recipe(ROOT / "recipes/test/tiny-xe.yaml", ["trainer.max_steps=7", "optim.betas=[0.8, 0.95]",
-                                                          "tracking.run_name=null", "model.tiny.heads=2", "optim.eps=3e-7"])  # fmt: skip
+    r = load_recipe(
+        ROOT / "recipes/test/tiny-xe.yaml",
+        [
+            "trainer.max_steps=7",
+            "optim.betas=[0.8, 0.95]",
+            "tracking.run_name=null",
+            "model.tiny.heads=2",
+            "optim.eps=3e-7",
+        ],
+    )
     assert r.model.name_or_path == "builtin:tiny-llava"  # from the base
     assert r.model.tiny.vision_hidden == 32 and r.model.tiny.heads == 2  # child, then override, deep-merged
     assert r.trainer.max_steps == 7 and r.optim.betas == [0.8, 0.95] and r.tracking.run_name is None
@@ -90,7 +98,7 @@ def _write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
         "literal",
         "section",
         "yaml",
-    ],  # fmt: skip
+    ],
 )
 def test_bad_recipes_fail_with_one_line_naming_file_and_key(tmp_path, text, overrides, needles):
     path = _write(tmp_path, text)

@@ -45,8 +45,13 @@ def test_simulated_two_nodes_match_two_processes(tmp_path):
     SLURM script runs it, trains together and gives the 2-process single-node losses."""
     port = free_port()
     out_nodes, out_single = tmp_path / "nodes", tmp_path / "single-node"
-    common = dict(NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                  ACCELERATE_CONFIG="launch/multinode-2x8-ddp.yaml")  # fmt: skip
+    common = dict(
+        NNODES="2",
+        GPUS_PER_NODE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        ACCELERATE_CONFIG="launch/multinode-2x8-ddp.yaml",
+    )
     args = [
         "bash",
         "launch/multinode.sh",
@@ -62,7 +67,7 @@ def test_simulated_two_nodes_match_two_processes(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for r in (0, 1)
     ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
@@ -81,8 +86,17 @@ def test_torchrun_fsdp2_matches_single(tmp_path, single_run):
     """launch/torchrun.sh (no accelerate launcher) with distributed.backend=fsdp2."""
     out = tmp_path / "torchrun"
     env = make_env(NPROC="2", MASTER_PORT=str(free_port()))
-    run(["bash", "launch/torchrun.sh", TINY, f"trainer.output_dir={out}", "trainer.per_device_batch_size=2",
-         "distributed.backend=fsdp2"], env=env)  # fmt: skip
+    run(
+        [
+            "bash",
+            "launch/torchrun.sh",
+            TINY,
+            f"trainer.output_dir={out}",
+            "trainer.per_device_batch_size=2",
+            "distributed.backend=fsdp2",
+        ],
+        env=env,
+    )
     info = json.loads((out / "run_info.json").read_text())
     assert (info["engine"], info["world_size"], info["model_class"]) == ("fsdp2", 2, "FSDPModule")
     assert losses(out) == pytest.approx(losses(single_run), abs=1e-5)

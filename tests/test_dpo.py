@@ -98,13 +98,33 @@ def test_dpo_matches_trl(tmp_path, tiny, table):
     ref = Ref(model)
     rows = pairs(table, processor)
     eos = processor.tokenizer.eos_token
-    trl_rows = [{"images": [rows[i]["image"]], "prompt": processor.image_token + rows[i]["prompt"],
-                 "chosen": rows[i]["chosen"] + eos, "rejected": rows[i]["rejected"] + eos} for i in range(4)]  # fmt: skip
+    trl_rows = [
+        {
+            "images": [rows[i]["image"]],
+            "prompt": processor.image_token + rows[i]["prompt"],
+            "chosen": rows[i]["chosen"] + eos,
+            "rejected": rows[i]["rejected"] + eos,
+        }
+        for i in range(4)
+    ]
     policy_trl = copy.deepcopy(model)
-    args = TRLConfig(output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=4, report_to=[],
-                     use_cpu=True, max_length=None, padding_free=False, bf16=False)  # fmt: skip
-    trainer = DPOTrainer(model=policy_trl, ref_model=ref.model, args=args, processing_class=processor,
-                         train_dataset=Dataset.from_list([{k: v for k, v in r.items()} for r in trl_rows]))  # fmt: skip
+    args = TRLConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=0.1,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        max_length=None,
+        padding_free=False,
+        bf16=False,
+    )
+    trainer = DPOTrainer(
+        model=policy_trl,
+        ref_model=ref.model,
+        args=args,
+        processing_class=processor,
+        train_dataset=Dataset.from_list([{k: v for k, v in r.items()} for r in trl_rows]),
+    )
     trl_batch = trainer.data_collator([dict(r) for r in trl_rows])
     trl_loss = trainer.compute_loss(trainer.model, trl_batch)
     trl_loss.backward()
@@ -196,15 +216,23 @@ def test_cache_keys_split_flattened_patches_by_image_grid():
     """Qwen2-VL layout: the patches of all rows' images in one tensor, split by `image_grid_thw`."""
     grid = torch.tensor([[1, 2, 2], [1, 2, 4]])  # 4 and 8 patches
     pixels = torch.arange(12 * 3, dtype=torch.float32).view(12, 3)
-    batch = {"pair_keys": ["p0", "p1"], "input_ids": torch.zeros(2, 5, dtype=torch.long),
-             "pixel_values": pixels, "image_grid_thw": grid}  # fmt: skip
+    batch = {
+        "pair_keys": ["p0", "p1"],
+        "input_ids": torch.zeros(2, 5, dtype=torch.long),
+        "pixel_values": pixels,
+        "image_grid_thw": grid,
+    }
     keys = pair_cache_keys(batch)
     changed = pixels.clone()
     changed[11, 0] = -1.0  # a patch of the second image
     after = pair_cache_keys({**batch, "pixel_values": changed})
     assert after[0] == keys[0] and after[1] != keys[1]
-    alone = {"pair_keys": ["p0"], "input_ids": torch.zeros(1, 5, dtype=torch.long), "pixel_values": pixels[:4],
-             "image_grid_thw": grid[:1]}  # fmt: skip
+    alone = {
+        "pair_keys": ["p0"],
+        "input_ids": torch.zeros(1, 5, dtype=torch.long),
+        "pixel_values": pixels[:4],
+        "image_grid_thw": grid[:1],
+    }
     assert pair_cache_keys(alone) == keys[:1]
 
 
@@ -284,8 +312,11 @@ def test_dpo_mean_reduction_equals_float64_hand_computation(tiny, table):
     assert abs(float(hand["mean"]) - float(hand["sum"])) > 1e-3  # the case tells mean from sum
     assert float(metrics["rewards/margins"]) == pytest.approx(sum(margins) / 3, abs=1e-6)
     grads = dict(policy64.named_parameters())
-    worst = max(float((p.grad.double() - grads[n].grad).abs().max()) for n, p in policy.named_parameters()
-                if p.grad is not None)  # fmt: skip
+    worst = max(
+        float((p.grad.double() - grads[n].grad).abs().max())
+        for n, p in policy.named_parameters()
+        if p.grad is not None
+    )
     assert worst < 1e-6, worst
 
 

@@ -1,11 +1,12 @@
 """Preference and rollout paths on every real family, against each family's own forward and TRL.
 
-For Llava-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Idefics3 (tiny random checkpoints of
+For Llava-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3 and Gemma 3 (tiny random checkpoints of
 tests/families.py, float32):
 - packed DPO log-probs (one row: prompt | chosen | rejected, plus an rDPO retrieved-image row) equal the
   family's own forward of each unpacked sequence (the model computing its own positions), and so do
   the unpacked rows of the fallback layout; for the M-RoPE families, 1-D positions in the packed row
-  would be wrong by far more than the tolerance;
+  would be wrong by far more than the tolerance; Gemma 3, whose image tokens attend both ways, is not
+  packed, and packing it would be wrong;
 - GRPO completion log-probs from the rollout path (generate G samples, repeat image inputs per image,
   split into minibatches) equal a plain forward of each prompt + completion alone;
 - DPO loss, rewards and every gradient equal TRL DPOTrainer's (its collator and loss).
@@ -34,6 +35,8 @@ from rlalign.rollout.engine import _sequences, _split, completion_logprobs
 from rlalign.rollout.sampling import banned_tokens, completion_mask, sample_groups
 
 M_ROPE = ("qwen2_vl", "qwen2_5_vl")
+UNPACKED = ("gemma3",)
+"""Families whose pairs are not packed (Gemma 3: two-way attention among image tokens)."""
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +118,9 @@ def expected_logps(model, processor) -> torch.Tensor:
 def test_packed_logps_equal_unpacked_forward(checkpoints, family):
     model, processor = load_base(ModelConfig(name_or_path=str(checkpoints[family])))
     model.eval()
-    packed = PreferenceCollator(processor, 48, None, retrieved=True)
+    packed = PreferenceCollator(processor, 48, None, retrieved=True, packed=True)
     unpacked = PreferenceCollator(processor, 48, None, retrieved=True, packed=False)
-    assert packed.packed and not unpacked.packed
+    assert PreferenceCollator(processor, 48, None, retrieved=True).packed == (family not in UNPACKED)
     with torch.no_grad():
         expected = expected_logps(model, processor)
         batch = packed(pairs())
@@ -126,8 +129,11 @@ def test_packed_logps_equal_unpacked_forward(checkpoints, family):
         rows = unpacked(pairs())
         assert rows["input_ids"].shape[0] == 6  # one row per response
         got_unpacked = dpo.sequence_logps(model, rows, "sum", torch.float32)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(got_unpacked, expected, rtol=0, atol=1e-5)
+    if family in UNPACKED:  # what packing would give: the image tokens lose their two-way attention
+        assert float((got - expected).abs().max()) > 1e-3
+        return
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     if family in M_ROPE:  # the same packed row with 1-D positions: the test above is what catches it
         with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
             mp.setattr(dpo, "segment_positions", lambda *args: None)

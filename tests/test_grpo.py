@@ -67,8 +67,11 @@ def test_policy_equal_to_reference_gives_zero_kl_and_unit_ratio_exactly():
 def test_zero_std_group_contributes_no_gradient():
     rewards = torch.tensor([3.0, 3.0, 3.0, 1.0, 2.0, 4.0], dtype=D)  # group 1 all equal
     adv = group_normalized(rewards, 3)
-    logp = torch.tensor([[-1.0, -0.3], [-2.0, -0.2], [-0.7, -1.1], [-1.0, -0.3], [-2.0, -0.2], [-0.7, -1.1]],
-                        dtype=D, requires_grad=True)  # fmt: skip
+    logp = torch.tensor(
+        [[-1.0, -0.3], [-2.0, -0.2], [-0.7, -1.1], [-1.0, -0.3], [-2.0, -0.2], [-0.7, -1.1]],
+        dtype=D,
+        requires_grad=True,
+    )
     ref = logp.detach() - 0.0  # policy = reference: the k3 gradient vanishes too
     loss, _ = grpo_token_loss(logp, logp.detach(), ref, adv, 0.2, 0.04)
     reduce_loss(loss, torch.ones(6, 2), "token").backward()
@@ -103,8 +106,15 @@ def test_first_inner_step_has_zero_kl_and_unit_ratio_on_the_tiny_model(tiny_setu
     loss, m = objective.loss(policy, buffer[0], items_per_micro=n_tokens, reference=reference)
     assert float(m["kl"]) == 0.0 and float(m["ratio_mean"]) == 1.0 and float(m["clip_frac"]) == 0.0
     assert metrics["advantage_mean"] == pytest.approx(0.0, abs=1e-12)
-    assert {"reward_mean", "reward_std", "reward/cider_mean", "zero_std_groups", "gen_length_mean",
-            "time/rollout_s", "time/reference_s"} <= set(metrics)  # fmt: skip
+    assert {
+        "reward_mean",
+        "reward_std",
+        "reward/cider_mean",
+        "zero_std_groups",
+        "gen_length_mean",
+        "time/rollout_s",
+        "time/reference_s",
+    } <= set(metrics)
     loss.backward()
 
 
@@ -151,8 +161,16 @@ def test_rollout_advantages_and_reward_statistics_by_hand(tiny_setup):
     engine = RolloutEngine(objective.engine.cfg, fixed_reward, objective.engine.tok, 0)
     G, eps = objective.cfg.group_size, objective.cfg.std_eps
     assert G == 4
-    buffer, m = engine(policy, window, runtime=runtime, group_size=G, with_greedy=False,
-                       advantage=objective.advantage, old_logp=False, step=0)  # fmt: skip
+    buffer, m = engine(
+        policy,
+        window,
+        runtime=runtime,
+        group_size=G,
+        with_greedy=False,
+        advantage=objective.advantage,
+        old_logp=False,
+        step=0,
+    )
     adv = []
     for group in GROUP_REWARDS:
         mean, std = statistics.fmean(group), statistics.stdev(group)  # sample std
@@ -177,15 +195,20 @@ def test_minibatches_equal_accumulated_minibatches(tmp_path):
     images x 2 accumulation steps (each update = one rollout micro-batch, accumulated over its 2 parts):
     same losses and parameters; and it is not the single update of `minibatches: 1`."""
     # Adam eps 1: updates proportional to the gradient, so float noise on a near-zero gradient stays noise
-    common = ["trainer.export_final=true", "trainer.max_steps=2", "objective.grpo.inner_epochs=1",
-              "optim.lr=1e-3", "optim.eps=1.0"]  # fmt: skip
+    common = [
+        "trainer.export_final=true",
+        "trainer.max_steps=2",
+        "objective.grpo.inner_epochs=1",
+        "optim.lr=1e-3",
+        "optim.eps=1.0",
+    ]
     runs = {
         "split": ["trainer.per_device_batch_size=4", "objective.grpo.minibatches=2"],
         "accumulated": [
             "trainer.per_device_batch_size=2",
             "trainer.grad_accum_steps=2",
             "objective.grpo.minibatches=2",
-        ],  # fmt: skip
+        ],
         "one_update": ["trainer.per_device_batch_size=4", "objective.grpo.minibatches=1"],
     }
     for name, args in runs.items():

@@ -44,10 +44,23 @@ def alive(procs: list[psutil.Process]) -> list[int]:
 )
 def test_sigterm_checkpoints_exits_zero_and_resumes(full_run, tmp_path, target):
     out = tmp_path / "run"
-    cmd = [str(BIN / "rlalign"), "launch", "--grace", "120", "--",
-           *launch_cmd("ddp-8gpu.yaml", 2, *ARGS, f"trainer.output_dir={out}")]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=make_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # fmt: skip
+    cmd = [
+        str(BIN / "rlalign"),
+        "launch",
+        "--grace",
+        "120",
+        "--",
+        *launch_cmd("ddp-8gpu.yaml", 2, *ARGS, f"trainer.output_dir={out}"),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=make_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3:
@@ -81,9 +94,15 @@ def test_plain_accelerate_launch_reports_sigterm_as_failure(tmp_path):
     """Why the wrapper exists: torch elastic under plain `accelerate launch` turns SIGTERM into exit 1
     even though the workers checkpoint (if this starts passing, the wrapper may be dropped)."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(launch_cmd("ddp-8gpu.yaml", 2, *ARGS, f"trainer.output_dir={out}"), cwd=ROOT,
-                            env=make_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        launch_cmd("ddp-8gpu.yaml", 2, *ARGS, f"trainer.output_dir={out}"),
+        cwd=ROOT,
+        env=make_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3):
         time.sleep(0.01)

@@ -36,6 +36,7 @@ IMAGE_TOKENS = {
     "qwen2_vl": [20, 24],
     "qwen2_5_vl": [20, 24],
     "idefics3": [4, 4],
+    "gemma3": [4, 4],
 }
 
 
@@ -86,6 +87,7 @@ def test_family_processor_loads_offline(checkpoints, family):
         "qwen2_vl": "Qwen2VLProcessor",
         "qwen2_5_vl": "Qwen2_5_VLProcessor",
         "idefics3": "Idefics3Processor",
+        "gemma3": "Gemma3Processor",
     }[family]
     assert type(processor).__name__ == expected
     if is_torchvision_available():
@@ -200,6 +202,7 @@ def test_family_bf16_and_freeze_vision(checkpoints, family):
         "qwen2_vl": ("model.visual.",),
         "qwen2_5_vl": ("model.visual.",),
         "idefics3": ("model.vision_model.", "model.connector."),
+        "gemma3": llava,
     }[family]
     assert vision == {n for n, _ in policy.named_parameters() if n.startswith(vision_prefix)}
     assert {n for n, p in policy.named_parameters() if p.requires_grad} == text

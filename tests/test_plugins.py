@@ -85,14 +85,32 @@ def test_user_objective_trains_through_the_cli(tmp_path):
 
 
 def test_user_objective_settings_errors_are_one_line(tmp_path):
-    one_line_error(rlalign("validate", write_plugin(tmp_path / "a", extra="smoothin: 0.2"), check=False),
-                   "objective.sft_ls.smoothin: unknown key", "did you mean 'smoothing'")  # fmt: skip
-    one_line_error(rlalign("validate", write_plugin(tmp_path / "b", 1.5), check=False),
-                   "objective.sft_ls", "smoothing must be in [0, 1), got 1.5")  # fmt: skip
-    one_line_error(rlalign("validate", write_plugin(tmp_path / "c"), "--set", "objective.name=my_objectives:Nope", check=False),
-                   "objective.name", "module 'my_objectives' has no attribute 'Nope'")  # fmt: skip
-    one_line_error(rlalign("validate", "recipes/test/tiny-xe.yaml", "--set", "objective.name=dpoo", check=False),
-                   "objective.name: unknown objective 'dpoo'", "did you mean 'dpo'")  # fmt: skip
+    one_line_error(
+        rlalign("validate", write_plugin(tmp_path / "a", extra="smoothin: 0.2"), check=False),
+        "objective.sft_ls.smoothin: unknown key",
+        "did you mean 'smoothing'",
+    )
+    one_line_error(
+        rlalign("validate", write_plugin(tmp_path / "b", 1.5), check=False),
+        "objective.sft_ls",
+        "smoothing must be in [0, 1), got 1.5",
+    )
+    one_line_error(
+        rlalign(
+            "validate",
+            write_plugin(tmp_path / "c"),
+            "--set",
+            "objective.name=my_objectives:Nope",
+            check=False,
+        ),
+        "objective.name",
+        "module 'my_objectives' has no attribute 'Nope'",
+    )
+    one_line_error(
+        rlalign("validate", "recipes/test/tiny-xe.yaml", "--set", "objective.name=dpoo", check=False),
+        "objective.name: unknown objective 'dpoo'",
+        "did you mean 'dpo'",
+    )
 
 
 def test_rdpo_needs_retrieved_images_in_the_data(tmp_path):
@@ -102,8 +120,13 @@ def test_rdpo_needs_retrieved_images_in_the_data(tmp_path):
     table = pa.table({"images": [b"x"], "prompt": ["p"], "chosen": ["a"], "rejected": ["b"]})
     pq.write_table(table, path)
     sets = ["--set", f"data.pairs_path={path}"]
-    line = one_line_error(rlalign("validate", "test/tiny-rdpo.yaml", *sets, check=False), "data.retrieved_images_column", str(path),
-                          "'retrieved_images'", "objective 'rdpo'")  # fmt: skip
+    line = one_line_error(
+        rlalign("validate", "test/tiny-rdpo.yaml", *sets, check=False),
+        "data.retrieved_images_column",
+        str(path),
+        "'retrieved_images'",
+        "objective 'rdpo'",
+    )
     assert "columns: images, prompt, chosen, rejected" in line
     assert rlalign("validate", "test/tiny-dpo.yaml", *sets, check=False).returncode == 0
 

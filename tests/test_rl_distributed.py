@@ -51,8 +51,17 @@ def test_fsdp2_grpo_matches_single_process(tmp_path):
     single, fsdp = tmp_path / "single", tmp_path / "fsdp2"
     rlalign("train", GRPO, f"trainer.output_dir={single}", "trainer.per_device_batch_size=4")
     env = make_env(NPROC="2", MASTER_PORT=str(free_port()))
-    run(["bash", "launch/torchrun.sh", GRPO, f"trainer.output_dir={fsdp}", "trainer.per_device_batch_size=2",
-         "distributed.backend=fsdp2"], env=env)  # fmt: skip
+    run(
+        [
+            "bash",
+            "launch/torchrun.sh",
+            GRPO,
+            f"trainer.output_dir={fsdp}",
+            "trainer.per_device_batch_size=2",
+            "distributed.backend=fsdp2",
+        ],
+        env=env,
+    )
     info = json.loads((fsdp / "run_info.json").read_text())
     assert (info["engine"], info["world_size"], info["model_class"]) == ("fsdp2", 2, "FSDPModule")
     ours, ref = metrics(fsdp), metrics(single)

@@ -24,8 +24,9 @@ def test_greedy_baseline_signs():
     greedy = torch.tensor([2.0, 1.0], dtype=D)
     assert greedy_baseline(rewards, greedy, 2).tolist() == [1.0, -1.0, 1.0, -0.5]
     # one sample per image (the paper's setting): better than greedy -> positive
-    assert greedy_baseline(torch.tensor([0.2, 0.9], dtype=D), torch.tensor([0.5, 0.5], dtype=D), 1).tolist() == [
-        pytest.approx(-0.3), pytest.approx(0.4)]  # fmt: skip
+    assert greedy_baseline(
+        torch.tensor([0.2, 0.9], dtype=D), torch.tensor([0.5, 0.5], dtype=D), 1
+    ).tolist() == [pytest.approx(-0.3), pytest.approx(0.4)]
 
 
 def test_leave_one_out_baseline_by_hand():
@@ -60,8 +61,14 @@ def test_hallucination_penalty_and_weighted_terms(tmp_path, monkeypatch):
     pen = hallucination_penalty(samples, ["a", "b"], objects=objs)
     assert pen.tolist() == [0.0, -0.75]  # red, disc(circle), green wrong; box(square) right
     refs = {"a": ["a red circle in the center"], "b": ["a blue square at the top"]}
-    reward = CombinedReward([RewardConfig(name="cider", weight=2.0), RewardConfig(name="hallucination", weight=0.5),
-                             RewardConfig(name="user_rewards:length_reward", weight=1.0)], refs)  # fmt: skip
+    reward = CombinedReward(
+        [
+            RewardConfig(name="cider", weight=2.0),
+            RewardConfig(name="hallucination", weight=0.5),
+            RewardConfig(name="user_rewards:length_reward", weight=1.0),
+        ],
+        refs,
+    )
     total, parts = reward(samples, ["a", "b"], objects=objs)
     assert set(parts) == {"cider", "hallucination", "user_rewards:length_reward"}
     assert total.tolist() == pytest.approx(
@@ -98,9 +105,16 @@ def test_scst_step_with_greedy_baseline_by_hand(tmp_path):
     from rlalign.objectives import build_objective
     from rlalign.runtime import Runtime
 
-    recipe = load_recipe("recipes/test/tiny-grpo.yaml", [f"trainer.output_dir={tmp_path}", "objective.name=scst",
-                                                         "objective.scst.baseline=greedy", "objective.scst.num_samples=2",
-                                                         "model.reference=none"])  # fmt: skip
+    recipe = load_recipe(
+        "recipes/test/tiny-grpo.yaml",
+        [
+            f"trainer.output_dir={tmp_path}",
+            "objective.name=scst",
+            "objective.scst.baseline=greedy",
+            "objective.scst.num_samples=2",
+            "model.reference=none",
+        ],
+    )
     runtime = Runtime.create(recipe.distributed)
     policy, processor = build_policy(recipe.model, recipe.data)
     objective = build_objective(recipe, processor)
@@ -116,8 +130,16 @@ def test_scst_step_with_greedy_baseline_by_hand(tmp_path):
     for ids, mask in zip(mb["input_ids"][:, -L:], mb["completion_mask"]):
         samples.append(ids[mask.bool()])
     with torch.no_grad():
-        greedy = [greedy_by_hand(policy64, batch["input_ids"][b], batch["pixel_values"][b : b + 1].double(), tok,
-                                 recipe.objective.rollout.max_new_tokens) for b in range(3)]  # fmt: skip
+        greedy = [
+            greedy_by_hand(
+                policy64,
+                batch["input_ids"][b],
+                batch["pixel_values"][b : b + 1].double(),
+                tok,
+                recipe.objective.rollout.max_new_tokens,
+            )
+            for b in range(3)
+        ]
     texts = [tok.decode(s, skip_special_tokens=True).strip() for s in samples]
     adv = [len(texts[i]) - len(greedy[i // G]) for i in range(len(texts))]
     assert mb["advantages"].tolist() == adv
@@ -140,6 +162,9 @@ def test_scst_step_with_greedy_baseline_by_hand(tmp_path):
     assert float(loss) == pytest.approx(float(hand), rel=1e-6)  # float32 policy, |loss| ~ 50
     grads = dict(policy64.named_parameters())
     scale = max(float(g.grad.abs().max()) for g in grads.values() if g.grad is not None)
-    worst = max(float((p.grad.double() - grads[n].grad).abs().max()) for n, p in policy.named_parameters()
-                if p.grad is not None)  # fmt: skip
+    worst = max(
+        float((p.grad.double() - grads[n].grad).abs().max())
+        for n, p in policy.named_parameters()
+        if p.grad is not None
+    )
     assert worst < 1e-5 * scale, (worst, scale)  # float32 sums: about 1e-6 of the largest gradient

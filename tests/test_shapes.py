@@ -61,8 +61,11 @@ def test_grounding_metrics_hand_computed():
 
 def test_mentioned_objects_reads_positions_longest_first():
     text = "a red circle at the top left, a blue box in the middle and a green diamond"
-    assert mentioned_objects(text) == {("red", "circle", "top left"), ("blue", "square", "center"),
-                                       ("green", "diamond", None)}  # fmt: skip
+    assert mentioned_objects(text) == {
+        ("red", "circle", "top left"),
+        ("blue", "square", "center"),
+        ("green", "diamond", None),
+    }
     for i in range(50):  # every reference caption names exactly the image's objects
         item = make_item(ShapesConfig(), "val", i)
         truth = {(o.color, o.shape, o.position) for o in item.objects}

@@ -40,8 +40,17 @@ def first_step_hf_losses(per_device_batch_size: int) -> tuple[float, float]:
     t = recipe.trainer
     policy, processor = build_policy(recipe.model, recipe.data)
     data = build_data("captions", recipe, processor)
-    loader = step_loader(data.train, data.collate, micro=per_device_batch_size, world=1, rank=0, accum=1,
-                         seed=t.seed, start_step=0, end_step=1)  # fmt: skip
+    loader = step_loader(
+        data.train,
+        data.collate,
+        micro=per_device_batch_size,
+        world=1,
+        rank=0,
+        accum=1,
+        seed=t.seed,
+        start_step=0,
+        end_step=1,
+    )
     batch = next(iter(loader))
     assert batch["input_ids"].shape[0] == per_device_batch_size
     policy.eval()
@@ -57,8 +66,13 @@ def first_step_hf_losses(per_device_batch_size: int) -> tuple[float, float]:
 def test_token_and_sequence_normalisation_equal_hf_losses(tmp_path, single_run):
     """First logged loss (initial weights) of `normalize: token` and `sequence` runs against HF's loss."""
     out = tmp_path / "seq"
-    rlalign("train", TINY, f"trainer.output_dir={out}", "trainer.per_device_batch_size=4",
-            "objective.xe.normalize=sequence")  # fmt: skip
+    rlalign(
+        "train",
+        TINY,
+        f"trainer.output_dir={out}",
+        "trainer.per_device_batch_size=4",
+        "objective.xe.normalize=sequence",
+    )
     token, sequence = first_step_hf_losses(4)
     assert abs(token - sequence) > 1e-3  # rows of different lengths: the two reductions differ
     assert losses(single_run)[0] == pytest.approx(token, abs=1e-5)
@@ -93,8 +107,17 @@ def test_wandb_offline_run_holds_recipe_and_step_metrics(tmp_path):
     out = tmp_path / "wb"
     env = make_env()
     env.pop("WANDB_MODE")
-    run([str(BIN / "rlalign"), "train", TINY, f"trainer.output_dir={out}", "tracking.backend=wandb",
-         "tracking.mode=offline"], env=env)  # fmt: skip
+    run(
+        [
+            str(BIN / "rlalign"),
+            "train",
+            TINY,
+            f"trainer.output_dir={out}",
+            "tracking.backend=wandb",
+            "tracking.mode=offline",
+        ],
+        env=env,
+    )
     runs = glob.glob(str(out / "wandb" / "offline-run-*"))
     assert len(runs) == 1
     records = _wandb_records(Path(runs[0]))

@@ -27,6 +27,7 @@ from rlalign.data.shapes import ShapesConfig
 from rlalign.models.tiny import build_tiny_llava
 from rlalign.objectives.dpo import DPOConfig, DPOObjective
 from rlalign.objectives.rdpo import RDPOConfig, RDPOObjective
+from rlalign.utils.tensors import to_device
 
 
 class _Ref:
@@ -62,8 +63,18 @@ def run(args: list[str]) -> dict:
     rows = PreferencePairs(table, processor, DataConfig(), retrieved=True)
     batches = [[rows[i] for i in range(s * a.batch, (s + 1) * a.batch)] for s in range(a.steps)]
     eos = processor.tokenizer.eos_token
-    trl_batches = [[{"images": [r["image"]], "prompt": processor.image_token + r["prompt"], "chosen": r["chosen"] + eos,
-                     "rejected": r["rejected"] + eos} for r in b] for b in batches]  # fmt: skip
+    trl_batches = [
+        [
+            {
+                "images": [r["image"]],
+                "prompt": processor.image_token + r["prompt"],
+                "chosen": r["chosen"] + eos,
+                "rejected": r["rejected"] + eos,
+            }
+            for r in b
+        ]
+        for b in batches
+    ]
 
     def ours(objective, retrieved):
         model, ref = copy.deepcopy(base).to(device).train(), _Ref(copy.deepcopy(base).to(device).eval())
@@ -71,7 +82,7 @@ def run(args: list[str]) -> dict:
         collate = PreferenceCollator(processor, 48, None, retrieved=retrieved)
 
         def step(b):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(b).items()}
+            batch = to_device(collate(b), device)
             loss, _ = objective.loss(model, batch, items_per_micro=len(b), reference=ref)
             loss.backward()
             opt.step()
@@ -81,23 +92,37 @@ def run(args: list[str]) -> dict:
 
     def trl():
         model = copy.deepcopy(base).to(device).train()
-        cfg = TRLConfig(output_dir="/tmp/rlalign-bench-trl", beta=0.1, per_device_train_batch_size=a.batch,
-                        report_to=[], use_cpu=device.type == "cpu", max_length=None, bf16=False)  # fmt: skip
-        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(base).to(device).eval(), args=cfg,
-                             processing_class=processor, train_dataset=datasets.Dataset.from_list(trl_batches[0]))  # fmt: skip
+        cfg = TRLConfig(
+            output_dir="/tmp/rlalign-bench-trl",
+            beta=0.1,
+            per_device_train_batch_size=a.batch,
+            report_to=[],
+            use_cpu=device.type == "cpu",
+            max_length=None,
+            bf16=False,
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=copy.deepcopy(base).to(device).eval(),
+            args=cfg,
+            processing_class=processor,
+            train_dataset=datasets.Dataset.from_list(trl_batches[0]),
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
         def step(b):
-            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                      for k, v in trainer.data_collator([dict(r) for r in b]).items()}  # fmt: skip
+            inputs = to_device(trainer.data_collator([dict(r) for r in b]), device)
             trainer.compute_loss(trainer.model, inputs).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         return step
 
-    runners = {"dpo": ours(DPOObjective(DPOConfig(beta=0.1)), False),
-               "rdpo": ours(RDPOObjective(RDPOConfig(beta=0.1)), True), "trl": trl()}  # fmt: skip
+    runners = {
+        "dpo": ours(DPOObjective(DPOConfig(beta=0.1)), False),
+        "rdpo": ours(RDPOObjective(RDPOConfig(beta=0.1)), True),
+        "trl": trl(),
+    }
     src = {"dpo": batches, "rdpo": batches, "trl": trl_batches}
     times: dict[str, list[float]] = {k: [] for k in runners}
     peaks: dict[str, float | None] = {}
@@ -118,11 +143,22 @@ def run(args: list[str]) -> dict:
     print(f"{'':6} {'samples/s':>10} {'peak MB':>9}", file=sys.stderr)
     for k in runners:
         print(f"{k:6} {sps[k]:10.1f} {peaks[k] or float('nan'):9.1f}", file=sys.stderr)
-    result = {"bench": "dpo", "peer": "trl", "ratio": round(sps["dpo"] / sps["trl"], 3),
-              "rdpo_ratio": round(sps["rdpo"] / sps["trl"], 3), "ours_samples_per_s": round(sps["dpo"], 2),
-              "rdpo_samples_per_s": round(sps["rdpo"], 2), "peer_samples_per_s": round(sps["trl"], 2),
-              "peak_mem_mb": peaks["dpo"], "rdpo_peak_mem_mb": peaks["rdpo"], "peer_peak_mem_mb": peaks["trl"],
-              "batch": a.batch, "steps": a.steps, "reps": a.reps, "device": device.type}  # fmt: skip
+    result = {
+        "bench": "dpo",
+        "peer": "trl",
+        "ratio": round(sps["dpo"] / sps["trl"], 3),
+        "rdpo_ratio": round(sps["rdpo"] / sps["trl"], 3),
+        "ours_samples_per_s": round(sps["dpo"], 2),
+        "rdpo_samples_per_s": round(sps["rdpo"], 2),
+        "peer_samples_per_s": round(sps["trl"], 2),
+        "peak_mem_mb": peaks["dpo"],
+        "rdpo_peak_mem_mb": peaks["rdpo"],
+        "peer_peak_mem_mb": peaks["trl"],
+        "batch": a.batch,
+        "steps": a.steps,
+        "reps": a.reps,
+        "device": device.type,
+    }
     print(json.dumps(result))
     return result
 

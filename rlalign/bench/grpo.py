@@ -22,17 +22,29 @@ import time
 
 import torch
 
-CHAT = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
-        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")  # fmt: skip
+CHAT = (
+    "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+)
 
 
 def _recipe(a: argparse.Namespace, out: str):
     from rlalign.recipe import load_recipe
 
-    return load_recipe("recipes/test/tiny-grpo.yaml", [
-        f"trainer.output_dir={out}", f"trainer.per_device_batch_size={a.images}", f"objective.grpo.group_size={a.group}",
-        f"objective.rollout.max_new_tokens={a.max_new_tokens}", "objective.grpo.inner_epochs=2", "optim.lr=1e-5",
-        "data.train_size=256", "model.tiny.vision_hidden=64", "model.tiny.text_hidden=128"])  # fmt: skip
+    return load_recipe(
+        "recipes/test/tiny-grpo.yaml",
+        [
+            f"trainer.output_dir={out}",
+            f"trainer.per_device_batch_size={a.images}",
+            f"objective.grpo.group_size={a.group}",
+            f"objective.rollout.max_new_tokens={a.max_new_tokens}",
+            "objective.grpo.inner_epochs=2",
+            "optim.lr=1e-5",
+            "data.train_size=256",
+            "model.tiny.vision_hidden=64",
+            "model.tiny.text_hidden=128",
+        ],
+    )
 
 
 def _model(recipe):
@@ -96,16 +108,41 @@ def peer(a: argparse.Namespace) -> tuple[float, float]:
             self.stamps.append(time.perf_counter())
 
     clock = Clock()
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[], logging_steps=1000, save_strategy="no",
-                      per_device_train_batch_size=a.images * a.group, num_generations=a.group, steps_per_generation=1,
-                      num_iterations=2, max_completion_length=a.max_new_tokens, beta=0.04, epsilon=0.2, learning_rate=1e-5,
-                      max_steps=2 * (a.steps + 1), gradient_checkpointing=False, temperature=1.0, top_k=0, top_p=1.0, seed=0, disable_tqdm=True,
-                      dataloader_num_workers=0, model_init_kwargs={"dtype": torch.float32})  # fmt: skip
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1000,
+        save_strategy="no",
+        per_device_train_batch_size=a.images * a.group,
+        num_generations=a.group,
+        steps_per_generation=1,
+        num_iterations=2,
+        max_completion_length=a.max_new_tokens,
+        beta=0.04,
+        epsilon=0.2,
+        learning_rate=1e-5,
+        max_steps=2 * (a.steps + 1),
+        gradient_checkpointing=False,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        model_init_kwargs={"dtype": torch.float32},
+    )
     path = tempfile.mkdtemp()  # TRL builds its reference model from a path
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    trainer = GRPOTrainer(model=path, reward_funcs=reward, args=args, train_dataset=ds, processing_class=processor,
-                          callbacks=[clock])  # fmt: skip
+    trainer = GRPOTrainer(
+        model=path,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=ds,
+        processing_class=processor,
+        callbacks=[clock],
+    )
     trainer.train()
     # one of our steps (rollout + 2 updates) = two TRL optimizer steps (num_iterations 2); skip the first pair
     span = clock.stamps[-1] - clock.stamps[1]
@@ -140,10 +177,19 @@ def run(args: list[str]) -> dict:
     print(
         f"{'trl GRPOTrainer':<22}{peer_sps:>20.1f}{peer_len:>14.1f}   {', '.join(f'{x[0]:.1f}' for x in q)}"
     )
-    result = {"bench": "grpo", "peer": "trl", "ratio": round(ours_sps / peer_sps, 3), "ours_samples_per_s": round(ours_sps, 2),
-              "peer_samples_per_s": round(peer_sps, 2), "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "images": a.images, "group": a.group, "max_new_tokens": a.max_new_tokens,
-              "ours_mean_length": round(ours_len, 2), "peer_mean_length": round(peer_len, 2)}  # fmt: skip
+    result = {
+        "bench": "grpo",
+        "peer": "trl",
+        "ratio": round(ours_sps / peer_sps, 3),
+        "ours_samples_per_s": round(ours_sps, 2),
+        "peer_samples_per_s": round(peer_sps, 2),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "images": a.images,
+        "group": a.group,
+        "max_new_tokens": a.max_new_tokens,
+        "ours_mean_length": round(ours_len, 2),
+        "peer_mean_length": round(peer_len, 2),
+    }
     print(json.dumps(result))
     return result
 

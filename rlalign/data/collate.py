@@ -10,8 +10,9 @@ import torch
 
 IGNORE = -100
 # Processor outputs with one value per prompt token, and the value a response token gets.
-# Qwen2-VL / Qwen2.5-VL: `mm_token_type_ids` marks image (1) and video (2) tokens for M-RoPE.
-TOKEN_ALIGNED = {"mm_token_type_ids": 0}
+# Qwen2-VL / Qwen2.5-VL: `mm_token_type_ids` marks image (1) and video (2) tokens for M-RoPE;
+# Gemma 3: `token_type_ids` marks image (1) tokens, which attend to each other both ways.
+TOKEN_ALIGNED = {"mm_token_type_ids": 0, "token_type_ids": 0}
 
 
 def prompt_text(processor: Any, prompt: str) -> str:

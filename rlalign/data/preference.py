@@ -242,8 +242,8 @@ class PreferenceCollator:
     `segment_ids` (-1 pad, 0 prompt, 1 first response, 2 second response), `pred_pos` (position whose
     logits predict each token), the processor's pixel inputs and token-aligned outputs (e.g.
     `mm_token_type_ids`) laid out like `input_ids`, `logp_row` (which log-prob row each model row
-    fills), `is_retrieved` (log-prob rows of the visual term) and `pair_keys` (cache keys: image hashes
-    + token ids).
+    fills), `packed`, `is_retrieved` (log-prob rows of the visual term) and `pair_keys` (cache keys: image
+    hashes + token ids).
 
     Log-prob rows are the pairs (chosen, rejected), then with rDPO the retrieved-image rows (chosen).
     Packed (families of `rlalign.models.packing.PACKED_PROCESSORS`, unless `packed=False`): one model row
@@ -318,6 +318,7 @@ class PreferenceCollator:
                 for n, j in enumerate(source):
                     out[key][n, : len(values[j])] = torch.tensor(values[j])
         out["logp_row"] = source  # a list: not a model input, not part of the cache keys
+        out["packed"] = self.packed
         out["is_retrieved"] = torch.arange(len(rows)) >= len(pairs)
         out["pair_keys"] = keys
         return out

@@ -25,10 +25,16 @@ COLORS = {
     "purple": (160, 60, 200),
 }
 POSITIONS = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
-)  # fmt: skip
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
 # Paraphrases of each canonical word; every surface form maps back to one canonical word.
 SHAPE_SYNONYMS = {
     "circle": ("circle", "disc"),

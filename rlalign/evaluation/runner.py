@@ -41,6 +41,7 @@ import torch
 from rlalign.config import RecipeError
 from rlalign.data.images import BadRowError, CellError, ImageReader, bad_row, in_column
 from rlalign.utils.io import atomic_write_text
+from rlalign.utils.tensors import to_device
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def generate(
             list(prompts[start : start + batch_size]),
             padding_side="left",
         )
-        enc = {k: v.to(model.device) for k, v in enc.items()}
+        enc = to_device(enc, model.device)
         ids = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens)
         out += [
             t.strip()
@@ -113,18 +114,15 @@ class Generator:
     """The model replica of this rank and the sharded generation over all ranks."""
 
     def __init__(self, args: argparse.Namespace):
-        from rlalign.config.schema import DistributedConfig
         from rlalign.runtime import Runtime
 
-        self.runtime = Runtime.create(DistributedConfig(backend="ddp"))
+        self.runtime = Runtime.for_tools()
         self.model, self.processor = load_eval_model(args.model, args.dtype)
         self.model.to(self.runtime.device)
         self.batch_size = args.batch_size
 
     def __call__(self, n: int, item: Callable[[int], tuple[Any, str]], max_new_tokens: int) -> list[str]:
         """Answers to items 0..n-1 (`item(i)` = (image, prompt)), this rank generating its shard only."""
-        from accelerate.utils import gather_object
-
         start, stop = shard_bounds(n, self.runtime.rank, self.runtime.world_size)
         images, prompts = zip(*(item(i) for i in range(start, stop))) if stop > start else ((), ())
         local = generate(
@@ -135,7 +133,7 @@ class Generator:
             max_new_tokens=max_new_tokens,
             batch_size=self.batch_size,
         )
-        answers = gather_object(local) if self.runtime.world_size > 1 else local
+        answers = [a for part in self.runtime.all_gather_object(local) for a in part]
         if len(answers) != n:
             raise RuntimeError(f"gathered {len(answers)} answers for {n} items")
         return answers

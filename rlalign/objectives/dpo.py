@@ -28,7 +28,7 @@ from rlalign.objectives.base import ObjectiveBase, ObjectiveContext, register_ob
 from rlalign.objectives.ref_cache import RefLogpCache
 from rlalign.ops import reduce_sequences, token_logprobs
 
-PACKING_KEYS = ("segment_ids", "pred_pos", "is_retrieved", "pair_keys", "attention_mask", "logp_row")
+PACKING_KEYS = ("segment_ids", "pred_pos", "is_retrieved", "pair_keys", "attention_mask", "logp_row", "packed")
 
 
 def packed_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -49,15 +49,25 @@ def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
 
 
-def sequence_logps(model: Any, batch: dict[str, Any], reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    """(N, 2) log-probs of the first and second response of each log-prob row (0 where absent), one root
-    forward over the batch's model rows (packed or not, see `PreferenceCollator`)."""
+def forward_inputs(model: Any, batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The forward's inputs: packed rows get the 4D segment mask and each segment's positions (M-RoPE from
+    the model's own rope index); unpacked rows are the family's ordinary forward (2D mask, the model's
+    own positions and attention rules, such as Gemma 3's bidirectional image blocks)."""
     inputs = {k: v for k, v in batch.items() if k not in PACKING_KEYS}
+    if not batch["packed"]:
+        inputs.pop("position_ids")
+        return {**inputs, "attention_mask": batch["attention_mask"]}
     inputs["attention_mask"] = packed_mask(batch["segment_ids"], dtype)
     positions = segment_positions(model, batch, (PROMPT, FIRST, SECOND))
     if positions is not None:
         inputs["position_ids"] = positions
-    logits = model(**inputs, use_cache=False).logits  # (rows, T, V)
+    return inputs
+
+
+def sequence_logps(model: Any, batch: dict[str, Any], reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """(N, 2) log-probs of the first and second response of each log-prob row (0 where absent), one root
+    forward over the batch's model rows (packed or not, see `PreferenceCollator`)."""
+    logits = model(**forward_inputs(model, batch, dtype), use_cache=False).logits  # (rows, T, V)
     seg = batch["segment_ids"]
     # the logits predicting each token: row n's position pred_pos[n, t] predicts input_ids[n, t]
     picked = logits.gather(1, batch["pred_pos"][..., None].expand(-1, -1, logits.shape[-1]))

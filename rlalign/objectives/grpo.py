@@ -31,9 +31,13 @@ from rlalign.rollout.engine import build_engine, completion_items, completion_lo
 
 
 def grpo_token_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv_N: torch.Tensor,
-    clip_eps: float, beta: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    adv_N: torch.Tensor,
+    clip_eps: float,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token loss [N, L] and per-token stats (kl, clipped, ratio), in the inputs' dtype."""
     ratio = torch.exp(logp - old_logp)
     adv = adv_N.to(logp.dtype).unsqueeze(1)
@@ -102,21 +106,43 @@ class GRPOObjective(ObjectiveBase):
             rewards_N, self.cfg.group_size, eps=self.cfg.std_eps, scale_by_std=self.cfg.scale_by_std
         )
 
-    def rollout(self, model: Any, window: list[dict], *, step: int, runtime: Any, reference: Any = None
-                ) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
-        return self.engine(model, window, step=step, runtime=runtime, group_size=self.cfg.group_size, with_greedy=False,
-                           advantage=self.advantage, old_logp=True,
-                           reference=reference if self.cfg.beta > 0 else None, minibatches=self.cfg.minibatches)  # fmt: skip
+    def rollout(
+        self, model: Any, window: list[dict], *, step: int, runtime: Any, reference: Any = None
+    ) -> tuple[list[dict], dict[str, float]]:
+        return self.engine(
+            model,
+            window,
+            step=step,
+            runtime=runtime,
+            group_size=self.cfg.group_size,
+            with_greedy=False,
+            advantage=self.advantage,
+            old_logp=True,
+            reference=reference if self.cfg.beta > 0 else None,
+            minibatches=self.cfg.minibatches,
+        )
 
     def count_items(self, batch: dict) -> float:
         return completion_items(batch, self.cfg.normalize)
 
-    def loss(self, model: Any, batch: dict, *, items_per_micro: float, reference: Any = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    def loss(
+        self, model: Any, batch: dict, *, items_per_micro: float, reference: Any = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logp, entropy = completion_logprobs(model, batch, entropy=True)
         mask = batch["completion_mask"]
-        per_token, st = grpo_token_loss(logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"],
-                                        self.cfg.clip_eps, self.cfg.beta)  # fmt: skip
+        per_token, st = grpo_token_loss(
+            logp,
+            batch["old_logp"],
+            batch.get("ref_logp"),
+            batch["advantages"],
+            self.cfg.clip_eps,
+            self.cfg.beta,
+        )
         loss = reduce_loss(per_token, mask, self.cfg.normalize) / items_per_micro
-        return loss, {"loss": loss.detach(), "kl": masked_mean(st["kl"], mask), "clip_frac": masked_mean(st["clipped"], mask),
-                      "entropy": masked_mean(entropy, mask), "ratio_mean": masked_mean(st["ratio"], mask)}  # fmt: skip
+        return loss, {
+            "loss": loss.detach(),
+            "kl": masked_mean(st["kl"], mask),
+            "clip_frac": masked_mean(st["clipped"], mask),
+            "entropy": masked_mean(entropy, mask),
+            "ratio_mean": masked_mean(st["ratio"], mask),
+        }

@@ -34,8 +34,10 @@ def rdpo_terms(logps: torch.Tensor, ref: torch.Tensor, cfg: RDPOConfig) -> tuple
     text, m_text = preference_terms(w, lo, rw, rl, cfg.beta, cfg.label_smoothing)
     visual, m_vis = preference_terms(w, w_vl, rw, rw_vl, cfg.beta, cfg.label_smoothing)
     loss = cfg.dpo_weight * text + cfg.visual_weight * visual
-    metrics = {**{f"rewards/{k}": v.mean() for k, v in m_text.items()},
-               **{f"visual/{k}": v.mean() for k, v in m_vis.items()}}  # fmt: skip
+    metrics = {
+        **{f"rewards/{k}": v.mean() for k, v in m_text.items()},
+        **{f"visual/{k}": v.mean() for k, v in m_vis.items()},
+    }
     metrics["visual/rejected"] = m_vis["rejected"].mean()  # reward of y_w under the retrieved image
     if cfg.anchor_weight > 0:
         anchor = -F.logsigmoid(cfg.beta * (w - rw) - cfg.anchor_delta)

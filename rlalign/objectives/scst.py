@@ -65,16 +65,26 @@ class SCSTObjective(ObjectiveBase):
             return greedy_baseline(rewards_N, greedy_B, self.cfg.num_samples)
         return leave_one_out(rewards_N, self.cfg.num_samples)
 
-    def rollout(self, model: Any, window: list[dict], *, step: int, runtime: Any, reference: Any = None
-                ) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
-        return self.engine(model, window, step=step, runtime=runtime, group_size=self.cfg.num_samples,
-                           with_greedy=self.cfg.baseline == "greedy", advantage=self.advantage, old_logp=False)  # fmt: skip
+    def rollout(
+        self, model: Any, window: list[dict], *, step: int, runtime: Any, reference: Any = None
+    ) -> tuple[list[dict], dict[str, float]]:
+        return self.engine(
+            model,
+            window,
+            step=step,
+            runtime=runtime,
+            group_size=self.cfg.num_samples,
+            with_greedy=self.cfg.baseline == "greedy",
+            advantage=self.advantage,
+            old_logp=False,
+        )
 
     def count_items(self, batch: dict) -> float:
         return completion_items(batch, self.cfg.normalize)
 
-    def loss(self, model: Any, batch: dict, *, items_per_micro: float, reference: Any = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    def loss(
+        self, model: Any, batch: dict, *, items_per_micro: float, reference: Any = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logp, entropy = completion_logprobs(model, batch, entropy=True)
         mask = batch["completion_mask"]
         loss = (

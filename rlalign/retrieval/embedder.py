@@ -141,7 +141,7 @@ class ImageEmbedder:
         cache: dict[bytes, np.ndarray] = {}
         if self.cache_path is None or not self.cache_path.is_dir():
             return cache
-        for file in sorted(self.cache_path.glob("*.npz")):
+        for file in sorted(self.cache_path.glob("[!.]*.npz")):  # not the temporaries of a killed writer
             try:
                 with np.load(file, allow_pickle=False) as data:
                     cache.update(zip(data["keys"].tolist(), data["vectors"]))

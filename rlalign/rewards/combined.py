@@ -25,8 +25,9 @@ REWARDS: Registry[RewardFactory] = Registry("reward", "rlalign.rewards")
 reward callable. `module:function` names a user callable instead (used as is)."""
 
 
-def hallucination_penalty(samples: Sequence[str], image_ids: Sequence[Hashable], *, objects: Sequence[list[dict]],
-                          **columns: Any) -> np.ndarray:  # fmt: skip
+def hallucination_penalty(
+    samples: Sequence[str], image_ids: Sequence[Hashable], *, objects: Sequence[list[dict]], **columns: Any
+) -> np.ndarray:
     """Minus the share of a sample's mentioned shape and colour words absent from its image (0 if none mentioned)."""
     out = np.zeros(len(samples))
     for i, (text, objs) in enumerate(zip(samples, objects)):
@@ -57,8 +58,9 @@ class CombinedReward:
             raise ValueError("objective.rewards: at least one reward term is needed")
         self.terms = [(c.name, c.weight, build_reward(c.name, refs_by_image_id)) for c in cfgs]
 
-    def __call__(self, samples: Sequence[str], image_ids: Sequence[Hashable], **columns: Any
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    def __call__(
+        self, samples: Sequence[str], image_ids: Sequence[Hashable], **columns: Any
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         parts = {
             name: _scores(name, fn(samples, image_ids, **columns), len(samples)) for name, _, fn in self.terms
         }

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def group_normalized(rewards_N: torch.Tensor, group_size: int, *, eps: float = 1e-5, scale_by_std: bool = True
-                     ) -> torch.Tensor:  # fmt: skip
+def group_normalized(
+    rewards_N: torch.Tensor, group_size: int, *, eps: float = 1e-5, scale_by_std: bool = True
+) -> torch.Tensor:
     """GRPO: (r - mean_g) / (std_g + eps), with the unbiased (sample) std as TRL; NaN becomes 0."""
     r_BG = rewards_N.view(-1, group_size)
     centred = r_BG - r_BG.mean(1, keepdim=True)

@@ -56,13 +56,28 @@ class StepSampler:
 
 
 def step_loader(
-    dataset: Dataset, collate, *, micro: int, world: int, rank: int, accum: int, seed: int, start_step: int,
-    end_step: int, num_workers: int = 0,
-) -> DataLoader:  # fmt: skip
+    dataset: Dataset,
+    collate,
+    *,
+    micro: int,
+    world: int,
+    rank: int,
+    accum: int,
+    seed: int,
+    start_step: int,
+    end_step: int,
+    num_workers: int = 0,
+) -> DataLoader:
     sampler = StepSampler(
-        len(dataset), micro=micro, world=world, rank=rank, accum=accum, seed=seed, start_step=start_step,
+        len(dataset),
+        micro=micro,
+        world=world,
+        rank=rank,
+        accum=accum,
+        seed=seed,
+        start_step=start_step,
         end_step=end_step,
-    )  # fmt: skip
+    )
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
 
 

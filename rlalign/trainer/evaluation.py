@@ -18,8 +18,9 @@ Measure = Callable[[dict[str, Any], torch.Tensor], dict[str, tuple[float, float]
 
 
 @torch.no_grad()
-def evaluate_sharded(model, dataset, collate, runtime: Runtime, size: int, batch_size: int,
-                     measure: Measure) -> dict[str, float]:  # fmt: skip
+def evaluate_sharded(
+    model, dataset, collate, runtime: Runtime, size: int, batch_size: int, measure: Measure
+) -> dict[str, float]:
     """`val/<metric>` = (sum over ranks of weighted sums) / (sum of weighted counts) over `size` evenly spaced
     validation items. Every rank runs the same number of forwards (ZeRO-3 / FSDP2 forwards are collective);
     padding duplicates that even the shards out carry their share of weight only."""
@@ -56,7 +57,9 @@ def objective_measure(model, objective, reference: Any) -> Measure:
     """The objective's metrics, each a mean over the batch's items, weighted by the batch's real items."""
 
     def measure(batch: dict[str, Any], w: torch.Tensor) -> dict[str, tuple[float, float]]:
-        _, metrics = objective.loss(model, batch, items_per_micro=objective.count_items(batch), reference=reference)
+        _, metrics = objective.loss(
+            model, batch, items_per_micro=objective.count_items(batch), reference=reference
+        )
         weight = float(w.sum())
         return {k: (float(v) * weight, weight) for k, v in metrics.items()}
 

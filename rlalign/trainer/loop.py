@@ -78,7 +78,9 @@ class StepContext:
     on_nonfinite: str = "stop"
 
 
-def optimizer_update(ctx: StepContext, window: list[dict], *, step: int = 0, step_scheduler: bool = True) -> dict:
+def optimizer_update(
+    ctx: StepContext, window: list[dict], *, step: int = 0, step_scheduler: bool = True
+) -> dict:
     """One optimizer step over `window` (this rank's micro-batches); metrics are global means.
     `step` (1-based) names the update when its loss or gradient norm is non-finite. The learning-rate
     schedule counts loop steps: a rollout step's several updates advance it once (`step_scheduler` on
@@ -93,7 +95,9 @@ def optimizer_update(ctx: StepContext, window: list[dict], *, step: int = 0, ste
     for batch in window:
         batch = to_device(batch, runtime.device)
         with runtime.accumulate(ctx.model):
-            loss, metrics = objective.loss(ctx.model, batch, items_per_micro=items_per_micro, reference=ctx.reference)
+            loss, metrics = objective.loss(
+                ctx.model, batch, items_per_micro=items_per_micro, reference=ctx.reference
+            )
             loss_finite = loss_finite and bool(torch.isfinite(loss.detach()).all())
             runtime.backward(loss)
             if runtime.sync_gradients:
@@ -111,7 +115,9 @@ def optimizer_update(ctx: StepContext, window: list[dict], *, step: int = 0, ste
         tokens += int(batch["attention_mask"].sum())
         samples += batch["input_ids"].shape[0]
     keys = sorted(sums)
-    totals = runtime.all_reduce(torch.tensor([sums[k] for k in keys] + [tokens, samples], dtype=torch.float64))
+    totals = runtime.all_reduce(
+        torch.tensor([sums[k] for k in keys] + [tokens, samples], dtype=torch.float64)
+    )
     out = {k: float(totals[i]) / (len(window) * runtime.world_size) for i, k in enumerate(keys)}
     out.update(grad_norm=grad_norm, lr=lr, tokens=float(totals[-2]), samples=float(totals[-1]))
     if skipped:
@@ -144,11 +150,16 @@ def train_step(ctx: StepContext, window: list[dict], step: int) -> dict:
     objective = ctx.objective
     if not is_rollout(objective):
         return optimizer_update(ctx, window, step=step + 1)
-    buffer, metrics = objective.rollout(ctx.model, window, step=step, runtime=ctx.runtime, reference=ctx.reference)
+    buffer, metrics = objective.rollout(
+        ctx.model, window, step=step, runtime=ctx.runtime, reference=ctx.reference
+    )
     accum = len(window)
-    updates = [buffer[i : i + accum] for _ in range(objective.inner_epochs) for i in range(0, len(buffer), accum)]
+    updates = [
+        buffer[i : i + accum] for _ in range(objective.inner_epochs) for i in range(0, len(buffer), accum)
+    ]
     results = [
-        optimizer_update(ctx, u, step=step + 1, step_scheduler=i == len(updates) - 1) for i, u in enumerate(updates)
+        optimizer_update(ctx, u, step=step + 1, step_scheduler=i == len(updates) - 1)
+        for i, u in enumerate(updates)
     ]
     for key in sorted({k for r in results for k in r}):
         total = sum(r.get(key, 0.0) for r in results)
@@ -163,8 +174,9 @@ def validate(ctx: StepContext, data, t) -> dict[str, float]:
         measure = nll_measure(ctx.model)
     else:
         measure = objective_measure(ctx.model, ctx.objective, ctx.reference)
-    return evaluate_sharded(ctx.model, data.val, data.collate, ctx.runtime, t.eval_size, t.per_device_batch_size,
-                            measure)  # fmt: skip
+    return evaluate_sharded(
+        ctx.model, data.val, data.collate, ctx.runtime, t.eval_size, t.per_device_batch_size, measure
+    )
 
 
 def export_final(model, processor, runtime: Runtime, recipe: Recipe, out: Path) -> None:
@@ -270,8 +282,9 @@ def train(recipe: Recipe) -> Path:
     )
     if resume_from is not None:
         ckpt.restore_rng(resume_from)
-    ctx = StepContext(model, objective, optimizer, scheduler, runtime, reference, recipe.optim.max_grad_norm,
-                      t.on_nonfinite)  # fmt: skip
+    ctx = StepContext(
+        model, objective, optimizer, scheduler, runtime, reference, recipe.optim.max_grad_norm, t.on_nonfinite
+    )
     preemption = Preemption()
     batches = iter(loader)
     with Progress(
