@@ -377,8 +377,8 @@ GEMMA3_TEMPLATE = (
 
 
 def save_gemma3(path: Path) -> None:
-    """Gemma 3: image tokens attend to each other both ways (`token_type_ids` marks them), so its
-    preference pairs are not packed."""
+    """Gemma 3: image tokens attend to each other both ways (`token_type_ids` marks them) and most layers
+    see a sliding window; a packed row's 4D mask would replace that window, so its pairs are not packed."""
     specials = [
         "<pad>",
         "<bos>",
@@ -415,12 +415,14 @@ def save_gemma3(path: Path) -> None:
         text_config=dict(
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=1,
+            num_hidden_layers=2,
+            layer_types=["sliding_attention", "full_attention"],
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=16,
             vocab_size=len(tok),
-            sliding_window=64,
+            # a window shorter than a prompt: the sliding layer's mask differs from a plain causal one
+            sliding_window=16,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
             bos_token_id=tok.bos_token_id,
@@ -439,7 +441,11 @@ def save_gemma3(path: Path) -> None:
         image_token_index=ids("<image_soft_token>"),
     )
     torch.manual_seed(0)
-    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    model = Gemma3ForConditionalGeneration(config)
+    # Gemma 3 initialises its image projection to zero: image tokens would enter the text model as zero
+    # vectors (a degenerate point of its RMSNorm), unlike any trained checkpoint.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.1)
+    model.save_pretrained(path)
     processor.save_pretrained(path)
 
 

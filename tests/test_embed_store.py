@@ -80,9 +80,9 @@ def _index_args(cache, out, *extra: str) -> list[str]:
         TINY,
         "trainer.output_dir=unused",
         f"pairs.embedder.cache_dir={cache}",
+        *extra,
         "--out",
         str(out),
-        *extra,
     ]
 
 

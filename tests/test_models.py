@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from families import FAMILIES, PROMPTS, RESPONSES, images, rows
+from families import save_llava as save_llava  # re-exported: tests/test_cli_errors.py imports it from here
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import is_torchvision_available
 
@@ -36,7 +37,7 @@ IMAGE_TOKENS = {
     "qwen2_vl": [20, 24],
     "qwen2_5_vl": [20, 24],
     "idefics3": [4, 4],
-    "gemma3": [4, 4],
+    "gemma3": [1, 1],  # its processor.image_token is the begin-of-image marker (4 soft tokens follow)
 }
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, accelerate_cmd, rlalign, run
@@ -194,3 +195,43 @@ def test_two_processes_build_the_same_pairs(tmp_path):
     assert n_two == n_one and rows_two == rows_one
     shards = sorted(p.name for p in (tmp_path / "two" / "shards").glob("shard-*.parquet"))
     assert len(shards) == 8  # 32 images / shards of 4, split over the two ranks
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_pair_build_runs_on_the_gpu(tmp_path, monkeypatch):
+    """With a GPU present the refill model and exact search run there (no recipe key needed), and the
+    dataset equals a `pairs.device=cpu` build of the same recipe."""
+    from rlalign.pairs import builder
+    from rlalign.recipe import load_recipe
+    from rlalign.retrieval.index import VectorIndex
+
+    seen = []
+    write = builder._write_shard
+
+    def record(b, s):
+        seen.append((b.device.type, next(b.model.parameters()).device.type))
+        write(b, s)
+
+    placements = []
+    load = VectorIndex.load.__func__
+
+    def load_and_record(cls, *args, **kwargs):
+        index = load(cls, *args, **kwargs)
+        placements.append(index.placement)
+        return index
+
+    monkeypatch.setattr(builder, "_write_shard", record)
+    monkeypatch.setattr(VectorIndex, "load", classmethod(load_and_record))
+    gpu = builder.build_pairs(load_recipe(TINY, _args(tmp_path / "gpu", tmp_path / "cache")[1:]))
+    assert seen and set(seen) == {("cuda", "cuda")} and "torch-gpu" in placements
+    cpu = builder.build_pairs(
+        load_recipe(TINY, [*_args(tmp_path / "cpu", tmp_path / "cache")[1:], "pairs.device=cpu"])
+    )
+    rows_gpu, rows_cpu = _rows(gpu)[1], _rows(cpu)[1]
+    drop = ("similarity", "text_similarity")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows_gpu] == [
+        {k: v for k, v in r.items() if k not in drop} for r in rows_cpu
+    ]
+    for key in drop:
+        np.testing.assert_allclose([r[key] for r in rows_gpu], [r[key] for r in rows_cpu], atol=1e-4)

@@ -302,9 +302,8 @@ class PreferenceCollator:
             seqs = firsts + [(j, p, [], r) for j, (p, _, r) in enumerate(rows) if r]
         out = _layout(seqs, self.tok.pad_token_id)
         source = [j for j, *_ in seqs]
-        per_image = take_rows({k: v for k, v in enc.items() if k not in TOKEN_ALIGNED}, source)
-        for key, value in per_image.items():
-            if key in ("input_ids", "attention_mask"):
+        for key, value in take_rows(dict(enc), source).items():
+            if key in ("input_ids", "attention_mask") or key in TOKEN_ALIGNED:
                 continue
             if isinstance(value, torch.Tensor) and value.shape == (len(seqs), enc["input_ids"].shape[1]):
                 raise ValueError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ def _read_shard(path: Path, keys: list[bytes]) -> np.ndarray | None:
                 log.warning("embedding: %s holds other images; embedding that shard again", path)
                 return None
             return np.asarray(data["vectors"], dtype=np.float32)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         log.warning("embedding: %s unreadable (%s); embedding that shard again", path, err)
         return None
 

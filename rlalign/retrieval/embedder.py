@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,13 @@ class ImageEmbedder:
             try:
                 with np.load(file, allow_pickle=False) as data:
                     cache.update(zip(data["keys"].tolist(), data["vectors"]))
-            except (OSError, ValueError, KeyError) as err:  # a foreign or damaged file: skip it loudly
+            except (
+                OSError,
+                ValueError,
+                KeyError,
+                EOFError,
+                zipfile.BadZipFile,
+            ) as err:  # a foreign or damaged file: skip it loudly
                 log.warning("embedding cache: skipping %s (%s)", file, err)
         log.info("embedding cache %s: %d vectors", self.cache_path, len(cache))
         return cache

@@ -18,7 +18,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -61,7 +60,8 @@ class TuneResult:
     k: int
     base: int
     queries: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    held_out: np.ndarray = field(repr=False)
+    """Which input vectors were the queries (bool [N]); the rest was the base."""
 
     def overrides(self) -> list[str]:
         """The recipe overrides that select the chosen settings."""
@@ -138,7 +138,7 @@ def tune(
                 break
     meeting = [r for r in rows if r.recall >= base.target_recall]
     chosen = max(meeting, key=lambda r: r.queries_per_s)
-    return TuneResult(rows, chosen, base.target_recall, k, len(data), n_queries)
+    return TuneResult(rows, chosen, base.target_recall, k, len(data), n_queries, held)
 
 
 def table(result: TuneResult) -> str:
