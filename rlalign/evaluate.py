@@ -22,7 +22,7 @@ import torch
 from rlalign.config.schema import DataConfig
 from rlalign.data.captions import load_split
 from rlalign.data.collate import encode_prompts
-from rlalign.data.shapes import COLOR_WORDS, SHAPE_WORDS, mentioned
+from rlalign.shapes import COLOR_WORDS, SHAPE_WORDS, mentioned
 from rlalign.rewards import CiderD, corpus_bleu, normalize, self_bleu
 from rlalign.utils.tensors import to_device
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from rlalign.config import RecipeError
 from rlalign.config.schema import DataConfig, TinyModelConfig
-from rlalign.data.shapes import ShapesConfig
+from rlalign.shapes import ShapesConfig
 from rlalign.evaluation.chair import ObjectVocabulary, chair, shapes_truth, shapes_vocabulary
 from rlalign.evaluation.runner import main_eval
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import BIN, make_env, one_line_error
-from test_models import save_llava
+from families import save_llava
 
 TINY_XE = "test/tiny-xe.yaml"  # shipped names resolve from any working directory
 

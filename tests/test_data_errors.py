@@ -27,7 +27,7 @@ from test_cli_errors import one_line_error
 from rlalign.config import RecipeError
 from rlalign.config.schema import DataConfig, TinyModelConfig
 from rlalign.data.preference import PreferencePairs, shapes_preferences
-from rlalign.data.shapes import ShapesConfig, make_item
+from rlalign.shapes import ShapesConfig, make_item
 from rlalign.models.tiny import build_tiny_llava
 
 SHAPES = ShapesConfig(image_size=48)

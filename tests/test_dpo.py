@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from rlalign.config.schema import DataConfig, TinyModelConfig
 from rlalign.data.preference import BadRowError, PreferenceCollator, PreferencePairs, shapes_preferences
-from rlalign.data.shapes import ShapesConfig
+from rlalign.shapes import ShapesConfig
 from rlalign.models.tiny import build_tiny_llava
 from rlalign.objectives.dpo import DPOConfig, DPOObjective, sequence_logps
 from rlalign.objectives.rdpo import RDPOConfig, RDPOObjective, rdpo_terms

@@ -17,7 +17,7 @@ from conftest import BIN, ROOT, TINY, accelerate_cmd, make_env, rlalign, run
 from rlalign.config.pairs import EmbedderConfig
 from rlalign.config.schema import ModelConfig, TinyModelConfig
 from rlalign.data.captions import shapes_dataset
-from rlalign.data.shapes import ShapesConfig
+from rlalign.shapes import ShapesConfig
 from rlalign.models.builder import load_base
 from rlalign.pairs.builder import load_pool
 from rlalign.recipe import load_recipe

@@ -14,7 +14,7 @@ from conftest import ROOT
 from rlalign.config.pairs import EmbedderConfig
 from rlalign.config.schema import ModelConfig, TinyModelConfig
 from rlalign.data.captions import shapes_dataset
-from rlalign.data.shapes import ShapesConfig
+from rlalign.shapes import ShapesConfig
 from rlalign.models.builder import load_base
 from rlalign.recipe import load_recipe
 from rlalign.retrieval.embedder import ImageEmbedder

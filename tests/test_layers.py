@@ -14,13 +14,14 @@ LAYERS: dict[str, int] = {
     "rlalign.utils": 0,
     "rlalign.config": 0,
     "rlalign.ops": 0,
-    # 1: processes and metrics sinks
+    # 1: processes, metrics sinks, the generated shapes world
     "rlalign.runtime": 1,
     "rlalign.tracking": 1,
-    # 2: data (the shapes world, rows, collators); 3: models and rewards, which read the shapes world
-    "rlalign.data": 2,
-    "rlalign.models": 3,
-    "rlalign.rewards": 3,
+    "rlalign.shapes": 1,
+    # 2: models (families, packing layouts) and rewards; 3: data (rows, collators), which packs per family
+    "rlalign.models": 2,
+    "rlalign.rewards": 2,
+    "rlalign.data": 3,
     # 4: what uses models and data: retrieval, rollouts, evaluation metrics
     "rlalign.retrieval": 4,
     "rlalign.rollout": 4,

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from families import FAMILIES, PROMPTS, RESPONSES, images, rows
-from families import save_llava as save_llava  # re-exported: tests/test_cli_errors.py imports it from here
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import is_torchvision_available
 

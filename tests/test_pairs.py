@@ -11,7 +11,7 @@ from conftest import TINY, accelerate_cmd, rlalign, run
 from PIL import Image
 
 from rlalign.config.schema import ModelConfig, TinyModelConfig
-from rlalign.data.shapes import ShapesConfig, make_item
+from rlalign.shapes import ShapesConfig, make_item
 from rlalign.models.builder import load_base
 from rlalign.pairs.builder import (
     Slot,

@@ -27,7 +27,7 @@ from datasets import Dataset
 
 from rlalign.config import RecipeError
 from rlalign.data.captions import shapes_dataset
-from rlalign.data.shapes import ShapesConfig
+from rlalign.shapes import ShapesConfig
 from rlalign.pairs import builder
 from rlalign.pairs.builder import build_pairs
 from rlalign.pairs.store import manifest_difference, manifest_digest, pool_fingerprint, shard_problem

@@ -6,7 +6,7 @@ import datasets
 
 from rlalign.config.schema import DataConfig
 from rlalign.data.captions import load_split
-from rlalign.data.shapes import COLORS, POSITIONS, ShapesConfig, make_item, mentioned, mentioned_objects
+from rlalign.shapes import COLORS, POSITIONS, ShapesConfig, make_item, mentioned, mentioned_objects
 from rlalign.evaluate import grounding
 
 

@@ -56,7 +56,9 @@ def test_three_steps_through_the_cli(tmp_path, checkpoints, family, objective):
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert all(math.isfinite(m["loss"]) for m in steps)
     assert (out / "checkpoints/step-0000003/COMPLETE").is_file()
-    assert json.loads((out / "run_info.json").read_text())["model_class"] == MODEL_CLASSES[family]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["model_class"] == MODEL_CLASSES[family]
+    assert info.get("preference_rows") == ("packed" if objective == "dpo" else None)
     first = steps[0]
     if objective == "dpo":
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)

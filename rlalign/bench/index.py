@@ -152,7 +152,7 @@ def speed_part(n: int, a: argparse.Namespace) -> dict[str, Any]:
 
 def _shapes_batch(shapes: Any, split: str, rows: range) -> tuple[list, torch.Tensor]:
     """Images of `rows` and their targets: which shape and which colour sits in each of the 9 cells."""
-    from rlalign.data.shapes import COLORS, POSITIONS, SHAPES, make_item
+    from rlalign.shapes import COLORS, POSITIONS, SHAPES, make_item
 
     colors = list(COLORS)
     items = [make_item(shapes, split, i) for i in rows]
@@ -170,7 +170,7 @@ def trained_tower(a: argparse.Namespace) -> tuple[torch.nn.Module, Any, dict[str
     shape and colour in each cell of shapes-world images; returns (tower, processor, training figures)."""
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
-    from rlalign.data.shapes import ShapesConfig
+    from rlalign.shapes import ShapesConfig
 
     shapes = ShapesConfig(seed=a.seed)
     size = shapes.image_size
@@ -220,7 +220,7 @@ def trained_tower(a: argparse.Namespace) -> tuple[torch.nn.Module, Any, dict[str
 def shapes_part(a: argparse.Namespace) -> dict[str, Any]:
     """Recall of each kind on trained-tower embeddings of shapes images (held-out queries)."""
     from rlalign.config.pairs import EmbedderConfig
-    from rlalign.data.shapes import ShapesConfig, make_item
+    from rlalign.shapes import ShapesConfig, make_item
     from rlalign.retrieval.embedder import ImageEmbedder
 
     tower, processor, training = trained_tower(a)

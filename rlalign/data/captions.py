@@ -30,7 +30,7 @@ from torch.utils.data import Dataset as TorchDataset
 from rlalign.config import RecipeError
 from rlalign.config.schema import DataConfig
 from rlalign.data.images import BadRowError, CellError, ImageReader, bad_row, in_column
-from rlalign.data.shapes import ShapesConfig, make_item
+from rlalign.shapes import ShapesConfig, make_item
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

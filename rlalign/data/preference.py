@@ -37,7 +37,7 @@ from rlalign.config.schema import DataConfig
 from rlalign.data.captions import FILE_KINDS, read_data_file, scan_rows
 from rlalign.data.collate import TOKEN_ALIGNED, encode_prompts
 from rlalign.data.images import BadRowError, CellError, ImageReader, bad_row, in_column
-from rlalign.data.shapes import COLORS, SHAPE_WORDS, ShapesConfig, make_item
+from rlalign.shapes import COLORS, SHAPE_WORDS, ShapesConfig, make_item
 from rlalign.models.packing import packs_preferences
 from rlalign.models.vision_inputs import take_rows
 

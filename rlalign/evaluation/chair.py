@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlalign.data.images import BadRowError
-from rlalign.data.shapes import COLORS, SHAPE_SYNONYMS
+from rlalign.shapes import COLORS, SHAPE_SYNONYMS
 from rlalign.rewards.text import tokenize
 
 _IRREGULAR = {

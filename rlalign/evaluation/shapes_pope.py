@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlalign.data.shapes import ShapesConfig, make_item
+from rlalign.shapes import ShapesConfig, make_item
 from rlalign.evaluation.pope import SPLITS
 from rlalign.utils.io import atomic_write_text
 

@@ -16,7 +16,7 @@ import torch
 
 from rlalign.config import RecipeError
 from rlalign.config.schema import DataConfig, ModelConfig
-from rlalign.data.shapes import ShapesConfig
+from rlalign.shapes import ShapesConfig
 from rlalign.models.tiny import build_tiny_llava
 
 log = logging.getLogger(__name__)

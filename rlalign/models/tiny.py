@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from rlalign.config.schema import TinyModelConfig
-from rlalign.data.shapes import ShapesConfig, corpus
+from rlalign.shapes import ShapesConfig, corpus
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 

@@ -54,7 +54,7 @@ from datasets import Dataset
 
 from rlalign.config.pairs import IndexConfig, PairsConfig
 from rlalign.data.collate import TOKEN_ALIGNED, encode_prompts
-from rlalign.data.shapes import COLORS, POSITION_PHRASES, SHAPE_WORDS
+from rlalign.shapes import COLORS, POSITION_PHRASES, SHAPE_WORDS
 from rlalign.ops import token_logprobs
 from rlalign.pairs.store import (
     DATASET_FILE,

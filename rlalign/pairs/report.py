@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from rlalign.data.shapes import mentioned, mentioned_objects
+from rlalign.shapes import mentioned, mentioned_objects
 from rlalign.evaluate import grounding
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from rlalign.config import RecipeError
 from rlalign.config.plugins import Registry, load_callable
 from rlalign.config.schema import RewardConfig
-from rlalign.data.shapes import mentioned
+from rlalign.shapes import mentioned
 from rlalign.rewards.bleu import BleuReward
 from rlalign.rewards.cider import CiderReward
 

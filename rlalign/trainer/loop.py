@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from rlalign.config import Recipe, RecipeError, dump_recipe, recipe_to_dict
 from rlalign.data import build_data
+from rlalign.data.preference import PreferenceCollator
 from rlalign.models.builder import ReferenceModel, build_policy
 from rlalign.objectives import build_objective, is_rollout
 from rlalign.runtime import Runtime, StepOutcome
@@ -209,7 +210,7 @@ def write_pid(out: Path, rank: int) -> None:
     (folder / f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
 
 
-def write_run_info(out: Path, runtime: Runtime, model: torch.nn.Module) -> None:
+def write_run_info(out: Path, runtime: Runtime, model: torch.nn.Module, collate: Any = None) -> None:
     """What really runs (engine, wrapper class, share of parameters per rank): a silent fallback shows here."""
     fractions = torch.zeros(runtime.world_size, dtype=torch.float64)
     fractions[runtime.rank] = runtime.local_param_fraction(model)
@@ -223,6 +224,8 @@ def write_run_info(out: Path, runtime: Runtime, model: torch.nn.Module) -> None:
             "param_fraction_per_rank": fractions.tolist(),
             "device": str(runtime.device),
         }
+        if isinstance(collate, PreferenceCollator):
+            info["preference_rows"] = "packed" if collate.packed else "unpacked (image encoded once per response)"
         (out / "run_info.json").write_text(json.dumps(info, indent=1))
 
 
@@ -262,7 +265,7 @@ def train(recipe: Recipe) -> Path:
         state = ckpt.load(resume_from, model, optimizer, scheduler)
     tracker = make_tracker(recipe.tracking, out, runtime.accelerator, recipe_to_dict(recipe))
     tracker.truncate_after(state.step)
-    write_run_info(out, runtime, model)
+    write_run_info(out, runtime, model, data.collate)
     if runtime.is_main:
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
         log.info(
