@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rlalign.config.loader import RECIPES_DIR  # noqa: E402
-from rlalign.evaluate import CaptionEval, diversity, evaluate_captioner, load_model  # noqa: E402
+from rlalign.evaluation.captions import CaptionEval, diversity, evaluate_captioner, load_model  # noqa: E402
 from rlalign.models.builder import build_policy  # noqa: E402
 from rlalign.recipe import load_recipe  # noqa: E402
 
@@ -282,7 +282,7 @@ def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str
     if "pairs" in done:
         from datasets import Dataset
 
-        from rlalign.retrieval.pair_report import pair_stats, render_pairs
+        from rlalign.pairs.report import pair_stats, render_pairs
 
         pairs = Dataset.from_parquet(str(done["pairs"][0] / "pairs.parquet"))
         report["pairs"] = pair_stats(pairs)

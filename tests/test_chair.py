@@ -192,7 +192,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def test_eval_chair_and_captions_with_a_model(tmp_path, tiny_model):
     from rlalign.data.captions import load_split
-    from rlalign.evaluate import caption_metrics, generate_captions, load_model
+    from rlalign.evaluation.captions import caption_metrics, generate_captions, load_model
 
     for bench in ("chair", "captions"):
         main_eval(

@@ -26,7 +26,6 @@ LAYERS: dict[str, int] = {
     "rlalign.retrieval": 4,
     "rlalign.rollout": 4,
     "rlalign.evaluation": 5,
-    "rlalign.evaluate": 5,
     # 6: objectives, pairs; 7: the trainer; 8: entry points
     "rlalign.objectives": 6,
     "rlalign.pairs": 6,

@@ -256,7 +256,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def test_eval_pope_on_shapes_with_a_model(tmp_path, tiny_model, shapes_pope):
-    from rlalign.evaluate import generate_captions
+    from rlalign.evaluation.captions import generate_captions
 
     out = tmp_path / "out"
     files = [str(shapes_pope[s]) for s in ("random", "adversarial")]

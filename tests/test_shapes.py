@@ -7,7 +7,7 @@ import datasets
 from rlalign.config.schema import DataConfig
 from rlalign.data.captions import load_split
 from rlalign.shapes import COLORS, POSITIONS, ShapesConfig, make_item, mentioned, mentioned_objects
-from rlalign.evaluate import grounding
+from rlalign.evaluation.captions import grounding
 
 
 def test_items_are_deterministic_and_splits_differ():

@@ -399,7 +399,7 @@ def run_chair(args: argparse.Namespace) -> dict:
 def run_captions(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from rlalign.evaluate import caption_metrics, grounding
+    from rlalign.evaluation.captions import caption_metrics, grounding
 
     cfg, rows = caption_rows(_one_data(args), args.split, args.limit)
     n = len(rows) if args.limit is None else min(args.limit, len(rows))

@@ -449,7 +449,7 @@ def _shard_rows(rows: list[int], chosen: list[str], b: BuildState) -> dict[str, 
 
 def _write_shard(b: BuildState, s: int) -> None:
     """Build shard `s` and write it with its record."""
-    from rlalign.evaluate import generate_captions
+    from rlalign.evaluation.captions import generate_captions
 
     data = b.recipe.data
     rows = list(range(s * b.cfg.shard_size, min((s + 1) * b.cfg.shard_size, len(b.pool))))

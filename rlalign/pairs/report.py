@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from rlalign.shapes import mentioned, mentioned_objects
-from rlalign.evaluate import grounding
+from rlalign.evaluation.captions import grounding
 
 
 def _truth(row: dict) -> list[dict]:
