@@ -337,8 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     it.set_defaults(func=cmd_index_tune)
     # serve / query parse their own arguments (`rlalign index serve --help`)
     for name, func in (("serve", cmd_index_serve), ("query", cmd_index_query)):
-        ip = ix.add_parser(name, help=f"{name} saved indexes (see `rlalign index {name} --help`)", add_help=False,
-                           prefix_chars="+")  # fmt: skip
+        ip = ix.add_parser(
+            name,
+            help=f"{name} saved indexes (see `rlalign index {name} --help`)",
+            add_help=False,
+            prefix_chars="+",
+        )
         ip.add_argument("rest", nargs=argparse.REMAINDER)
         ip.set_defaults(func=func)
     pb = sub.add_parser("pairs", help="RE-ALIGN preference pairs").add_subparsers(

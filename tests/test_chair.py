@@ -11,9 +11,9 @@ from PIL import Image
 
 from rlalign.config import RecipeError
 from rlalign.config.schema import DataConfig, TinyModelConfig
-from rlalign.shapes import ShapesConfig
 from rlalign.evaluation.chair import ObjectVocabulary, chair, shapes_truth, shapes_vocabulary
 from rlalign.evaluation.runner import main_eval
+from rlalign.shapes import ShapesConfig
 
 SYNONYMS = """person, man, woman, people, baby
 dog, puppy

@@ -27,8 +27,8 @@ from test_cli_errors import one_line_error
 from rlalign.config import RecipeError
 from rlalign.config.schema import DataConfig, TinyModelConfig
 from rlalign.data.preference import PreferencePairs, shapes_preferences
-from rlalign.shapes import ShapesConfig, make_item
 from rlalign.models.tiny import build_tiny_llava
+from rlalign.shapes import ShapesConfig, make_item
 
 SHAPES = ShapesConfig(image_size=48)
 N, BAD = 8, 2  # rows per file (the last one is split off for validation) and the bad row

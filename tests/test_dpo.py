@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from rlalign.config.schema import DataConfig, TinyModelConfig
 from rlalign.data.preference import BadRowError, PreferenceCollator, PreferencePairs, shapes_preferences
-from rlalign.shapes import ShapesConfig
 from rlalign.models.tiny import build_tiny_llava
 from rlalign.objectives.dpo import DPOConfig, DPOObjective, sequence_logps
 from rlalign.objectives.rdpo import RDPOConfig, RDPOObjective, rdpo_terms
 from rlalign.objectives.ref_cache import pair_cache_keys
+from rlalign.shapes import ShapesConfig
 
 SHAPES = ShapesConfig(image_size=48)
 

@@ -17,12 +17,12 @@ from conftest import BIN, ROOT, TINY, accelerate_cmd, make_env, rlalign, run
 from rlalign.config.pairs import EmbedderConfig
 from rlalign.config.schema import ModelConfig, TinyModelConfig
 from rlalign.data.captions import shapes_dataset
-from rlalign.shapes import ShapesConfig
 from rlalign.models.builder import load_base
 from rlalign.pairs.builder import load_pool
 from rlalign.recipe import load_recipe
 from rlalign.retrieval.embed_store import Column, embed_pool
 from rlalign.retrieval.embedder import ImageEmbedder, build_embedder, image_key, keys_digest
+from rlalign.shapes import ShapesConfig
 
 
 @pytest.fixture(scope="module")

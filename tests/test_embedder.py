@@ -14,11 +14,11 @@ from conftest import ROOT
 from rlalign.config.pairs import EmbedderConfig
 from rlalign.config.schema import ModelConfig, TinyModelConfig
 from rlalign.data.captions import shapes_dataset
-from rlalign.shapes import ShapesConfig
 from rlalign.models.builder import load_base
 from rlalign.recipe import load_recipe
 from rlalign.retrieval.embedder import ImageEmbedder
 from rlalign.retrieval.index import IndexConfig, VectorIndex, recall_at_k
+from rlalign.shapes import ShapesConfig
 
 TINY = ModelConfig(tiny=TinyModelConfig(vision_hidden=32, text_hidden=64, vocab_size=400))
 

@@ -11,7 +11,6 @@ from conftest import TINY, accelerate_cmd, rlalign, run
 from PIL import Image
 
 from rlalign.config.schema import ModelConfig, TinyModelConfig
-from rlalign.shapes import ShapesConfig, make_item
 from rlalign.models.builder import load_base
 from rlalign.pairs.builder import (
     Slot,
@@ -22,6 +21,7 @@ from rlalign.pairs.builder import (
     template_string,
 )
 from rlalign.pairs.report import pair_stats, render_pairs
+from rlalign.shapes import ShapesConfig, make_item
 
 VOCAB = shapes_vocabulary()
 

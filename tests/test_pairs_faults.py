@@ -27,12 +27,12 @@ from datasets import Dataset
 
 from rlalign.config import RecipeError
 from rlalign.data.captions import shapes_dataset
-from rlalign.shapes import ShapesConfig
 from rlalign.pairs import builder
 from rlalign.pairs.builder import build_pairs
 from rlalign.pairs.store import manifest_difference, manifest_digest, pool_fingerprint, shard_problem
 from rlalign.recipe import load_recipe
 from rlalign.retrieval.embedder import build_embedder
+from rlalign.shapes import ShapesConfig
 
 SETTINGS = ["trainer.output_dir=unused", "pairs.pool_size=32", "pairs.shard_size=4", "pairs.top_k=3"]
 N_SHARDS = 8

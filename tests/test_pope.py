@@ -18,10 +18,10 @@ from PIL import Image
 
 from rlalign.config import RecipeError
 from rlalign.config.schema import TinyModelConfig
-from rlalign.shapes import ShapesConfig, make_item
 from rlalign.evaluation.pope import normalize_answer, score
 from rlalign.evaluation.runner import load_eval_model, main_eval, shard_bounds
 from rlalign.evaluation.shapes_pope import ShapesPopeConfig, sample_questions, write_shapes_pope
+from rlalign.shapes import ShapesConfig, make_item
 
 
 @pytest.fixture(autouse=True)

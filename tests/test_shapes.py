@@ -6,8 +6,8 @@ import datasets
 
 from rlalign.config.schema import DataConfig
 from rlalign.data.captions import load_split
-from rlalign.shapes import COLORS, POSITIONS, ShapesConfig, make_item, mentioned, mentioned_objects
 from rlalign.evaluation.captions import grounding
+from rlalign.shapes import COLORS, POSITIONS, ShapesConfig, make_item, mentioned, mentioned_objects
 
 
 def test_items_are_deterministic_and_splits_differ():

@@ -23,10 +23,10 @@ import torch
 
 from rlalign.config.schema import DataConfig, TinyModelConfig
 from rlalign.data.preference import PreferenceCollator, PreferencePairs, shapes_preferences
-from rlalign.shapes import ShapesConfig
 from rlalign.models.tiny import build_tiny_llava
 from rlalign.objectives.dpo import DPOConfig, DPOObjective
 from rlalign.objectives.rdpo import RDPOConfig, RDPOObjective
+from rlalign.shapes import ShapesConfig
 from rlalign.utils.tensors import to_device
 
 

@@ -220,8 +220,8 @@ def trained_tower(a: argparse.Namespace) -> tuple[torch.nn.Module, Any, dict[str
 def shapes_part(a: argparse.Namespace) -> dict[str, Any]:
     """Recall of each kind on trained-tower embeddings of shapes images (held-out queries)."""
     from rlalign.config.pairs import EmbedderConfig
-    from rlalign.shapes import ShapesConfig, make_item
     from rlalign.retrieval.embedder import ImageEmbedder
+    from rlalign.shapes import ShapesConfig, make_item
 
     tower, processor, training = trained_tower(a)
     embedder = ImageEmbedder(tower, processor, EmbedderConfig(cache_dir=None, batch_size=256))

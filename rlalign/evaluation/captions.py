@@ -22,8 +22,8 @@ import torch
 from rlalign.config.schema import DataConfig
 from rlalign.data.captions import load_split
 from rlalign.data.collate import encode_prompts
-from rlalign.shapes import COLOR_WORDS, SHAPE_WORDS, mentioned
 from rlalign.rewards import CiderD, corpus_bleu, normalize, self_bleu
+from rlalign.shapes import COLOR_WORDS, SHAPE_WORDS, mentioned
 from rlalign.utils.tensors import to_device
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlalign.data.images import BadRowError
-from rlalign.shapes import COLORS, SHAPE_SYNONYMS
 from rlalign.rewards.text import tokenize
+from rlalign.shapes import COLORS, SHAPE_SYNONYMS
 
 _IRREGULAR = {
     "men": "man",

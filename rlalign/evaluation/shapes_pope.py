@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlalign.shapes import ShapesConfig, make_item
 from rlalign.evaluation.pope import SPLITS
+from rlalign.shapes import ShapesConfig, make_item
 from rlalign.utils.io import atomic_write_text
 
 TEMPLATE = "Is there a {} in the image?"

@@ -28,7 +28,15 @@ from rlalign.objectives.base import ObjectiveBase, ObjectiveContext, register_ob
 from rlalign.objectives.ref_cache import RefLogpCache
 from rlalign.ops import reduce_sequences, token_logprobs
 
-PACKING_KEYS = ("segment_ids", "pred_pos", "is_retrieved", "pair_keys", "attention_mask", "logp_row", "packed")
+PACKING_KEYS = (
+    "segment_ids",
+    "pred_pos",
+    "is_retrieved",
+    "pair_keys",
+    "attention_mask",
+    "logp_row",
+    "packed",
+)
 
 
 def packed_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -41,7 +49,8 @@ def packed_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         T, dtype=torch.bool, device=segment_ids.device
     )  # padding rows see themselves (no NaN)
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)[:, None]  # fmt: skip
+        ~allowed, torch.finfo(dtype).min
+    )[:, None]
 
 
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -100,8 +109,12 @@ def preference_terms(logp_w, logp_l, ref_w, ref_l, beta: float, eps: float) -> t
     rw, rl = beta * (logp_w - ref_w), beta * (logp_l - ref_l)
     margin = rw - rl
     loss = -(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
-    metrics = {"chosen": rw.detach(), "rejected": rl.detach(), "margins": margin.detach(),
-               "accuracies": (margin.detach() > 0).float()}  # fmt: skip
+    metrics = {
+        "chosen": rw.detach(),
+        "rejected": rl.detach(),
+        "margins": margin.detach(),
+        "accuracies": (margin.detach() > 0).float(),
+    }
     return loss, metrics
 
 
@@ -153,8 +166,9 @@ class DPOObjective(ObjectiveBase):
 
     def terms(self, logps: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Per-pair losses and metrics from policy and reference log-probs [pairs, sequences]."""
-        per_pair, m = preference_terms(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], self.cfg.beta,
-                                       self.cfg.label_smoothing)  # fmt: skip
+        per_pair, m = preference_terms(
+            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], self.cfg.beta, self.cfg.label_smoothing
+        )
         metrics = {f"rewards/{k}": v.mean() for k, v in m.items()}
         metrics["logps/chosen"], metrics["logps/rejected"] = (
             logps[:, 0].detach().mean(),

@@ -54,7 +54,6 @@ from datasets import Dataset
 
 from rlalign.config.pairs import IndexConfig, PairsConfig
 from rlalign.data.collate import TOKEN_ALIGNED, encode_prompts
-from rlalign.shapes import COLORS, POSITION_PHRASES, SHAPE_WORDS
 from rlalign.ops import token_logprobs
 from rlalign.pairs.store import (
     DATASET_FILE,
@@ -74,6 +73,7 @@ from rlalign.pairs.store import (
 from rlalign.retrieval.embed_store import Column, embed_pool
 from rlalign.retrieval.embedder import ImageEmbedder
 from rlalign.runtime import Runtime
+from rlalign.shapes import COLORS, POSITION_PHRASES, SHAPE_WORDS
 from rlalign.utils.io import atomic_write
 from rlalign.utils.tensors import to_device
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from rlalign.shapes import mentioned, mentioned_objects
 from rlalign.evaluation.captions import grounding
+from rlalign.shapes import mentioned, mentioned_objects
 
 
 def _truth(row: dict) -> list[dict]:
