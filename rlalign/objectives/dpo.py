@@ -27,6 +27,7 @@ from rlalign.models.packing import segment_positions
 from rlalign.objectives.base import ObjectiveBase, ObjectiveContext, register_objective
 from rlalign.objectives.ref_cache import RefLogpCache
 from rlalign.ops import reduce_sequences, token_logprobs
+from rlalign.ops.logprobs import kept_positions
 
 PACKING_KEYS = (
     "segment_ids",
@@ -76,12 +77,14 @@ def forward_inputs(model: Any, batch: dict[str, Any], dtype: torch.dtype) -> dic
 def sequence_logps(model: Any, batch: dict[str, Any], reduction: str, dtype: torch.dtype) -> torch.Tensor:
     """(N, 2) log-probs of the first and second response of each log-prob row (0 where absent), one root
     forward over the batch's model rows (packed or not, see `PreferenceCollator`)."""
-    logits = model(**forward_inputs(model, batch, dtype), use_cache=False).logits  # (rows, T, V)
     seg = batch["segment_ids"]
-    # the logits predicting each token: row n's position pred_pos[n, t] predicts input_ids[n, t]
-    picked = logits.gather(1, batch["pred_pos"][..., None].expand(-1, -1, logits.shape[-1]))
-    logp_NT = token_logprobs(picked, batch["input_ids"])
-    per_row = torch.stack([reduce_sequences(logp_NT, seg == s, reduction) for s in (FIRST, SECOND)], 1)
+    # logits only where a response token is scored: row n's position pred_pos[n, t] predicts input_ids[n, t]
+    positions, index, valid = kept_positions((seg == FIRST) | (seg == SECOND), batch["pred_pos"])
+    inputs = forward_inputs(model, batch, dtype)
+    logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits  # (rows, K, V)
+    logp_NK = token_logprobs(logits, batch["input_ids"].gather(1, index))
+    seg_K = seg.gather(1, index).masked_fill(~valid, PAD_SEGMENT)
+    per_row = torch.stack([reduce_sequences(logp_NK, seg_K == s, reduction) for s in (FIRST, SECOND)], 1)
     rows = batch["is_retrieved"].shape[0]
     logp_row = torch.tensor(batch["logp_row"], device=per_row.device)
     return per_row.new_zeros(rows, 2).index_add(0, logp_row, per_row)

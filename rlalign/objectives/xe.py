@@ -15,6 +15,7 @@ import torch
 from rlalign.data.collate import IGNORE
 from rlalign.objectives.base import ObjectiveBase, register_objective
 from rlalign.ops import token_nll
+from rlalign.ops.logprobs import label_window
 from rlalign.utils.tensors import model_inputs
 
 OBJECTIVE_KEYS = ("labels",)
@@ -49,8 +50,10 @@ class XEObjective(ObjectiveBase):
         items_per_micro: float,
         reference: Any = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(**model_inputs(batch, OBJECTIVE_KEYS)).logits
-        nll_BT, mask_BT = token_nll(logits, batch["labels"])
+        labels = batch["labels"]
+        start = label_window(labels)
+        logits = model(**model_inputs(batch, OBJECTIVE_KEYS), logits_to_keep=labels.shape[1] - start).logits
+        nll_BT, mask_BT = token_nll(logits, labels[:, start:])
         if self.cfg.normalize == "token":
             total = nll_BT.sum()
         else:

@@ -26,17 +26,26 @@ from rlalign.utils.tensors import model_inputs, to_device
 
 BUFFER_KEYS = ("completion_mask", "advantages", "old_logp", "ref_logp")
 """Buffer tensors that are not model inputs."""
-COLUMNS = ("image_ids", "refs", "objects")
-"""Per-image batch columns handed (repeated per sample) to the rewards."""
+
+
+def reward_columns(batch: dict, times: int) -> dict[str, list]:
+    """Every non-tensor column of the batch (one value per row: ids, references, ground truth, the rows'
+    prompts, answers...), each value repeated `times` times, for the rewards."""
+    rows = batch["input_ids"].shape[0]
+    return {
+        k: [v for v in values for _ in range(times)]
+        for k, values in batch.items()
+        if isinstance(values, list | tuple) and len(values) == rows
+    }
 
 
 def completion_logprobs(
     model: Any, batch: dict, *, entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [N, L] (float32) of the completion tokens under `model` (temperature 1), and their entropy."""
-    logits = model(**model_inputs(batch, BUFFER_KEYS)).logits
+    """Log-probs [N, L] (float32) of the completion tokens under `model` (temperature 1), and their entropy.
+    Logits exist for the completion positions only (`logits_to_keep`): none for the prompt and image tokens."""
     length = batch["completion_mask"].shape[1]
-    logits = logits[:, -length - 1 : -1]
+    logits = model(**model_inputs(batch, BUFFER_KEYS), logits_to_keep=length + 1).logits[:, :-1]
     logp = token_logprobs(logits, batch["input_ids"][:, -length:])
     ent = token_entropy(logits) if entropy else None
     return logp, ent
@@ -96,14 +105,15 @@ class RolloutEngine:
                 mask = completion_mask(comp, self.tok.eos_token_id)
                 texts = [t.strip() for t in self.tok.batch_decode(comp * mask + self.tok.pad_token_id * (1 - mask),
                                                                   skip_special_tokens=True)]  # fmt: skip
-                cols = {k: [v for v in batch[k] for _ in range(group_size)] for k in COLUMNS if k in batch}
+                cols = reward_columns(batch, group_size)
+                cols["completion_ids"] = [ids[m.bool()].tolist() for ids, m in zip(comp, mask)]
                 total, terms = self.reward(texts, cols.pop("image_ids"), **cols)
                 base = None
                 if with_greedy:
                     g_ids = greedy(bare, batch, self.cfg, self.tok)
                     g_texts = [t.strip() for t in self.tok.batch_decode(g_ids, skip_special_tokens=True)]
-                    g_cols = {k: batch[k] for k in COLUMNS if k in batch and k != "image_ids"}
-                    base = torch.from_numpy(self.reward(g_texts, batch["image_ids"], **g_cols)[0])
+                    g_cols = reward_columns(batch, 1)
+                    base = torch.from_numpy(self.reward(g_texts, g_cols.pop("image_ids"), **g_cols)[0])
                     stats.setdefault("greedy_reward", []).append(base.numpy())
                 rewards = torch.from_numpy(total)
                 adv = advantage(rewards, base)

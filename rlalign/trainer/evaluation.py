@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from rlalign.ops import token_nll
+from rlalign.ops.logprobs import label_window
 from rlalign.runtime import Runtime
 from rlalign.trainer.data import eval_shard
 from rlalign.utils.tensors import model_inputs, to_device
@@ -45,8 +46,10 @@ def nll_measure(model, label_key: str = "labels") -> Measure:
     """Token NLL of the labelled positions (a row weighs by its weight times its token count)."""
 
     def measure(batch: dict[str, Any], w: torch.Tensor) -> dict[str, tuple[float, float]]:
-        logits = model(**model_inputs(batch, (label_key,))).logits
-        nll_BT, mask_BT = token_nll(logits, batch[label_key])
+        labels = batch[label_key]
+        start = label_window(labels)
+        logits = model(**model_inputs(batch, (label_key,)), logits_to_keep=labels.shape[1] - start).logits
+        nll_BT, mask_BT = token_nll(logits, labels[:, start:])
         per_row = nll_BT.sum(1).double().cpu(), mask_BT.sum(1).double().cpu()
         return {"loss": (float((per_row[0] * w).sum()), float((per_row[1] * w).sum()))}
 
