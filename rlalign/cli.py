@@ -24,6 +24,7 @@ BENCHES = {
     "grpo": "rlalign.bench.grpo",
     "dpo": "rlalign.bench.dpo",
     "index": "rlalign.bench.index",
+    "logprob": "rlalign.bench.logprob",
     "service": "rlalign.bench.service",
 }
 
