@@ -28,18 +28,35 @@ class SeededSampler(LogitsProcessor):
     so that whatever `generate` does next (greedy or multinomial) takes exactly that token."""
 
     def __init__(self, seeds: list[int], cfg: RolloutConfig, banned: list[int]):
-        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
-        self.cfg, self.banned = cfg, banned
+        self.seeds, self.cfg, self.banned = seeds, cfg, banned
+        self.gens: list[torch.Generator] = []
+
+    def _banned(self, device: torch.device) -> torch.Tensor:
+        if not isinstance(self.banned, torch.Tensor) or self.banned.device != device:
+            self.banned = torch.as_tensor(self.banned, dtype=torch.long, device=device)
+        return self.banned
+
+    def _generators(self, device: torch.device) -> list[torch.Generator]:
+        """One generator per row on the scores' device (CUDA's is counter-based Philox): the noise is drawn
+        where the scores are, nothing crosses between host and device per token."""
+        if not self.gens:
+            self.gens = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        return self.gens
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         s = scores.double() / self.cfg.temperature
-        s[:, self.banned] = float("-inf")
+        s[:, self._banned(s.device)] = float("-inf")
         if self.cfg.top_k:
             s = TopKLogitsWarper(self.cfg.top_k, filter_value=float("-inf"))(input_ids, s)
         if self.cfg.top_p < 1:
             s = TopPLogitsWarper(self.cfg.top_p, filter_value=float("-inf"))(input_ids, s)
-        u = torch.stack([torch.rand(s.shape[1], generator=g, dtype=torch.float64) for g in self.gens])
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-300))).to(s.device)
+        u = torch.stack(
+            [
+                torch.rand(s.shape[1], generator=g, dtype=torch.float64, device=s.device)
+                for g in self._generators(s.device)
+            ]
+        )
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
         pick = (s + gumbel).argmax(-1)
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(scores.shape[0], device=scores.device), pick] = 0.0
