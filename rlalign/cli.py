@@ -1,4 +1,4 @@
-"""`rlalign train|validate|ls|init|launch|eval|demo|bench|index|pairs`.
+"""`rlalign train|validate|ls|init|launch|eval|demo|bench|plan|index|pairs`.
 
 Errors a user can fix (a bad recipe, a missing file, a bad data row, a model that cannot be found) print
 one line and exit 2; `--debug` (or `RLALIGN_DEBUG=1`) shows the traceback instead.
@@ -176,6 +176,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = run_demo(Path(args.out), seeds=args.seeds, quick=args.quick, stages=args.stages)
     print(f"report: {report}")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rlalign.plan import run
+
+    return run(args.rest)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -364,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+    pl = sub.add_parser(
+        "plan", help="memory per rank for each backend, before launching (`rlalign plan --help`)", add_help=False
+    )
+    pl.add_argument("rest", nargs=argparse.REMAINDER)
+    pl.set_defaults(func=cmd_plan)
     return p
 
 

@@ -415,6 +415,27 @@ class Runtime:
         total = torch.stack(stats) if stats else torch.zeros(0, 2, dtype=torch.float64)
         return names, self.all_reduce(total)
 
+    def parameter_counts(self, model: torch.nn.Module) -> tuple[int, int]:
+        """(all parameters, trainable parameters) of the whole model, whatever the sharding."""
+        total = trainable = 0
+        for (_, p), shard in zip(model.named_parameters(), self.local_shards(model)):
+            n = math.prod(shard.shape)
+            total += n
+            trainable += n if p.requires_grad else 0
+        return total, trainable
+
+    def optimizer_state_bytes(self, optimizer: Any) -> int:
+        """Bytes of per-parameter optimizer state this rank holds (AdamW's moments; step counters excluded).
+        Under DeepSpeed: the moments of its float32 partitions (its master copy is not counted)."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's and DeepSpeed's wrappers
+        total = 0
+        for state in inner.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    local = value.to_local() if hasattr(value, "to_local") else value
+                    total += local.numel() * local.element_size()
+        return total
+
     def local_param_fraction(self, model: torch.nn.Module) -> float:
         """Share of all parameter elements this rank holds (≈ 1/world under ZeRO-3 and FSDP2)."""
         held = total = 0

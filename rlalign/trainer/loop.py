@@ -29,6 +29,7 @@ from rlalign.tracking import make_tracker, wandb_mode
 from rlalign.trainer.checkpoint import Checkpointer, TrainState, data_order
 from rlalign.trainer.data import step_loader
 from rlalign.trainer.evaluation import evaluate_sharded, nll_measure, objective_measure
+from rlalign.utils.io import atomic_write_text
 from rlalign.utils.tensors import to_device
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ def write_run_info(out: Path, runtime: Runtime, model: torch.nn.Module, collate:
     fractions = torch.zeros(runtime.world_size, dtype=torch.float64)
     fractions[runtime.rank] = runtime.local_param_fraction(model)
     fractions = runtime.all_reduce(fractions)
+    total, trainable = runtime.parameter_counts(model)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         info = {
@@ -222,11 +224,23 @@ def write_run_info(out: Path, runtime: Runtime, model: torch.nn.Module, collate:
             "world_size": runtime.world_size,
             "model_class": runtime.model_kind(model),
             "param_fraction_per_rank": fractions.tolist(),
+            "parameters": total,
+            "trainable_parameters": trainable,
             "device": str(runtime.device),
         }
         if isinstance(collate, PreferenceCollator):
             info["preference_rows"] = "packed" if collate.packed else "unpacked (image encoded once per response)"
         (out / "run_info.json").write_text(json.dumps(info, indent=1))
+
+
+def record_optimizer_state(out: Path, runtime: Runtime, optimizer: Any) -> None:
+    """Add the optimizer state bytes each rank holds (known once the first step created it) to run_info.json."""
+    per_rank = runtime.all_gather_object(runtime.optimizer_state_bytes(optimizer))
+    if runtime.is_main:
+        path = out / "run_info.json"
+        info = json.loads(path.read_text())
+        info["optimizer_state_bytes_per_rank"] = per_rank
+        atomic_write_text(path, json.dumps(info, indent=1))
 
 
 def train(recipe: Recipe) -> Path:
@@ -323,6 +337,7 @@ def train(recipe: Recipe) -> Path:
                 log.warning("stopped by SIGTERM at step %d; checkpoint written", state.step)
                 break
     preemption.close()
+    record_optimizer_state(out, runtime, optimizer)
     if state.step == t.max_steps and t.export_final:
         export_final(model, processor, runtime, recipe, out / "final")
     tracker.finish()
