@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
     "rlalign.trainer": 7,
     "rlalign.recipe": 8,
     "rlalign.preflight": 8,
-    "rlalign.plan": 8,
+    "rlalign.plan": 9,
     "rlalign.bench": 9,
     "rlalign.demo": 9,
     "rlalign.launcher": 9,

@@ -5,7 +5,8 @@ included), then the completion positions' log-softmax. Ours keeps the hidden sta
 only (`logits_to_keep`), applies the LM head there and takes chunked log-probs with a custom backward
 (`rlalign.ops.token_logprobs`). Both start from the same decoder output (random hidden states [1, prompt +
 response, hidden]) and the same LM head, so the difference is the log-prob path alone. Each (case, path) runs
-in a fresh process: peak memory is the rise of the peak resident set (CPU) or of `max_memory_allocated`
+in a fresh process: peak memory is the rise of the peak resident set over its size before the first pass
+(CPU; Linux resets the peak through /proc/self/clear_refs) or of `max_memory_allocated`
 (CUDA) over the inputs, time the median of `--reps` forward + backward passes. Ends with one JSON line.
 
     rlalign bench logprob [--vocab 32000 151936] [--prompt 600 2000] [--response 32] [--hidden 256]
@@ -38,7 +39,7 @@ def _inputs(vocab: int, prompt: int, response: int, hidden: int, device: str, dt
 
 def full_path(h: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Logits at every position, then the response positions' float32 log-softmax (the plain HF way)."""
-    logits = h @ head.T
+    logits = torch.nn.functional.linear(h, head)
     r = targets.shape[1]
     logp_all = logits[:, -r - 1 : -1].float().log_softmax(-1)
     return logp_all.gather(-1, targets[..., None]).squeeze(-1)
@@ -47,10 +48,27 @@ def full_path(h: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> tor
 def our_path(h: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Hidden states of the scored positions only, then chunked log-probs."""
     r = targets.shape[1]
-    return token_logprobs(h[:, -r - 1 : -1] @ head.T, targets)
+    return token_logprobs(torch.nn.functional.linear(h[:, -r - 1 : -1], head), targets)
+
+
+def _reset_rss_peak() -> None:
+    """Linux: reset the process's peak resident set (VmHWM) to its current size, so the next reading is the
+    peak of what follows alone (writing 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _rss_peak_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -67,6 +85,7 @@ def measure(path: str, vocab: int, prompt: int, response: int, hidden: int, reps
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        _reset_rss_peak()
         base = _rss_peak_bytes()
     times = []
     for rep in range(reps + 1):
