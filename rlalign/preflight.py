@@ -28,6 +28,7 @@ def preflight(
     relative model path that does not exist yet (an earlier stage's output, as in the demo chain) is
     noted, not an error. Returns the notes."""
     check_objective_needs(recipe)
+    check_attention(recipe.model)
     rollout = is_rollout_class(objective_class(recipe.objective.name))
     for reward in recipe.objective.rewards if rollout else []:
         if ":" in reward.name:
@@ -69,6 +70,17 @@ def check_objective_needs(recipe: Recipe) -> None:
             "model.reference: 'adapter_disabled' needs model.lora (there is no adapter to disable)"
         )
     data_kind(cls.data_kind).check(recipe, cls)
+
+
+def check_attention(cfg: ModelConfig) -> None:
+    """The attention kernel the recipe names is installed."""
+    import importlib.util
+
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise RecipeError(
+            "model.attn_implementation: 'flash_attention_2' needs the flash-attn package (pip install flash-attn), "
+            "not installed here; 'sdpa' (the default) runs everywhere"
+        )
 
 
 class ModelNotCached(RecipeError):

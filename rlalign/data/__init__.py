@@ -73,7 +73,9 @@ def preference_data(recipe: Recipe, processor: Any, objective: Any) -> DataBundl
     retrieved = bool(getattr(objective, "uses_retrieved", False))
     train, val = load_preferences(recipe.data, processor, retrieved=retrieved)
     d = recipe.data
-    collate = PreferenceCollator(processor, d.max_response_tokens, d.max_length, retrieved=retrieved)
+    # flash-attention kernels take no block mask: packed rows need one
+    packed = False if recipe.model.attn_implementation == "flash_attention_2" else None
+    collate = PreferenceCollator(processor, d.max_response_tokens, d.max_length, retrieved=retrieved, packed=packed)
     return DataBundle(train=train, val=val, collate=collate, val_metric="objective")
 
 
