@@ -71,3 +71,16 @@ def test_label_window_keeps_every_labelled_position():
     kept, kept_mask = token_nll(logits[:, start:], labels[:, start:])
     assert torch.equal(full_mask[:, start:], kept_mask) and not full_mask[:, :start].any()
     assert torch.allclose(full[:, start:], kept, atol=0, rtol=0)
+
+
+def test_low_precision_gradient_matches_float64():
+    """The bfloat16 backward (float32 temporary, cast back) equals the float64 gradient to bfloat16 rounding."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(4, 300, generator=g, dtype=torch.float64) * 3
+    targets = torch.tensor([1, 1, 7, 299])
+    low = base.bfloat16().requires_grad_()
+    (grad_low,) = torch.autograd.grad(token_logprobs(low, targets, chunk=3).sum(), low)
+    exact = base.bfloat16().double().requires_grad_()
+    (grad_exact,) = torch.autograd.grad(reference_logprobs(exact, targets).sum(), exact)
+    assert grad_low.dtype == torch.bfloat16
+    assert torch.allclose(grad_low.double(), grad_exact, atol=4e-3, rtol=1e-2)

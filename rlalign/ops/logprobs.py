@@ -39,9 +39,16 @@ class _ChunkedLogProbs(torch.autograd.Function):
         for start in range(0, logits.shape[0], ctx.chunk):
             stop = start + ctx.chunk
             g = grad_out[start:stop, None].to(lse.dtype)
-            part = -(logits[start:stop].to(lse.dtype) - lse[start:stop, None]).exp() * g
+            # g * (onehot - softmax), in place: in `grad` itself at full precision, else in one temporary
+            if grad.dtype == lse.dtype:
+                part = grad[start:stop]
+                part.copy_(logits[start:stop])
+            else:
+                part = logits[start:stop].to(lse.dtype, copy=True)
+            part.sub_(lse[start:stop, None]).exp_().mul_(-g)
             part.scatter_add_(-1, targets[start:stop, None], g)
-            grad[start:stop] = part.to(grad.dtype)
+            if grad.dtype != lse.dtype:
+                grad[start:stop] = part.to(grad.dtype)
         return grad, None, None
 
 
