@@ -424,6 +424,21 @@ class Runtime:
             trainable += n if p.requires_grad else 0
         return total, trainable
 
+    def peak_memory_bytes(self) -> int:
+        """This rank's peak memory since start: CUDA's max allocated, or the process's peak resident set."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
     def optimizer_state_bytes(self, optimizer: Any) -> int:
         """Bytes of per-parameter optimizer state this rank holds (AdamW's moments; step counters excluded).
         Under DeepSpeed: the moments of its float32 partitions (its master copy is not counted)."""

@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import ROOT, TINY, free_port, launch_cmd, losses, make_env, run
+from conftest import ROOT, TINY, free_port, launch_cmd, losses, make_env, metrics, run
 
 pytestmark = pytest.mark.distributed
 
@@ -38,6 +38,10 @@ def test_two_processes_match_single(tmp_path, single_run, config, engine, model_
     ours, ref = losses(out), losses(single_run)
     assert len(ours) == len(ref) == 5
     assert ours == pytest.approx(ref, abs=1e-5)
+    # throughput per device is the whole run's over the 2 ranks; the busiest rank's peak memory is its own
+    for m in metrics(out):
+        assert m["tokens_per_s_per_device"] == pytest.approx(m["tokens_per_s"] / 2, rel=1e-9)
+        assert 0.05 < m["memory/peak_gb"] < 24
 
 
 def test_simulated_two_nodes_match_two_processes(tmp_path):

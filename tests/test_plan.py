@@ -62,3 +62,30 @@ def test_shipped_7b_recipe_plans_offline_in_an_empty_home(tmp_path):
     zero3 = next(line for line in out.splitlines() if "zero3" in line)
     weights = float(zero3.split("│")[2])
     assert weights == pytest.approx(7_383_242_752 * 2 / 8 / GIB, abs=0.01)
+
+
+class _GPURuntime:
+    """What `throughput` asks of the runtime, as 2 ranks of an H100 would answer."""
+
+    world_size = 2
+
+    def peak_memory_bytes(self) -> int:
+        return 3 * 2**30
+
+    def device_name(self) -> str:
+        return "NVIDIA H100 80GB HBM3"
+
+    def all_reduce(self, t, op="sum"):
+        return t
+
+
+def test_throughput_per_device_and_mfu():
+    from rlalign.trainer.loop import throughput
+
+    m = throughput(samples=64, tokens=40_000, elapsed=2.0, runtime=_GPURuntime(), n_params=7_000_000_000)
+    assert m["tokens_per_s"] == 20_000 and m["tokens_per_s_per_device"] == 10_000
+    assert m["memory/peak_gb"] == 3.0
+    # 6 x 7e9 FLOPs per token x 1e4 tokens/s per device over H100's 989 dense bf16 TFLOP/s
+    assert m["mfu"] == pytest.approx(6 * 7e9 * 1e4 / 989e12, rel=1e-12)
+    cpu = type("CPU", (_GPURuntime,), {"device_name": lambda self: "cpu"})()
+    assert "mfu" not in throughput(64, 40_000, 2.0, cpu, 7_000_000_000)

@@ -229,8 +229,46 @@ def write_run_info(out: Path, runtime: Runtime, model: torch.nn.Module, collate:
             "device": str(runtime.device),
         }
         if isinstance(collate, PreferenceCollator):
-            info["preference_rows"] = "packed" if collate.packed else "unpacked (image encoded once per response)"
+            info["preference_rows"] = (
+                "packed" if collate.packed else "unpacked (image encoded once per response)"
+            )
         (out / "run_info.json").write_text(json.dumps(info, indent=1))
+
+
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "B200": 2250.0,
+}
+"""Dense bf16 peak TFLOP/s by device name, for MFU (a device not listed reports no MFU)."""
+
+
+def throughput(
+    samples: float, tokens: float, elapsed: float, runtime: Runtime, n_params: int
+) -> dict[str, float]:
+    """Step throughput: samples/s and tokens/s (all ranks), tokens/s per device, peak memory of the busiest
+    rank, and on a known GPU the model FLOPs utilisation (6 x parameters x tokens per device per second over
+    the device's dense bf16 peak; attention FLOPs not counted)."""
+    per_device = tokens / elapsed / runtime.world_size
+    peak = float(
+        runtime.all_reduce(torch.tensor([runtime.peak_memory_bytes()], dtype=torch.float64), op="max")
+    )
+    out = {
+        "samples_per_s": samples / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "tokens_per_s_per_device": per_device,
+        "step_time_s": elapsed,
+        "memory/peak_gb": peak / 2**30,
+    }
+    name = runtime.device_name()
+    peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if peak_tflops:
+        out["mfu"] = 6 * n_params * per_device / (peak_tflops * 1e12)
+    return out
 
 
 def record_optimizer_state(out: Path, runtime: Runtime, optimizer: Any) -> None:
@@ -299,6 +337,7 @@ def train(recipe: Recipe) -> Path:
     )
     if resume_from is not None:
         ckpt.restore_rng(resume_from)
+    n_params = runtime.parameter_counts(model)[0]
     ctx = StepContext(
         model, objective, optimizer, scheduler, runtime, reference, recipe.optim.max_grad_norm, t.on_nonfinite
     )
@@ -319,11 +358,7 @@ def train(recipe: Recipe) -> Path:
             state.step += 1
             state.samples_seen += int(m["samples"])
             elapsed = time.perf_counter() - started
-            m.update(
-                samples_per_s=m.pop("samples") / elapsed,
-                tokens_per_s=m.pop("tokens") / elapsed,
-                step_time_s=elapsed,
-            )
+            m.update(throughput(m.pop("samples"), m.pop("tokens"), elapsed, runtime, n_params))
             last = state.step == t.max_steps
             if (t.eval_every and state.step % t.eval_every == 0) or last:
                 m.update(validate(ctx, data, t))
