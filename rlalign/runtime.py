@@ -300,24 +300,52 @@ class Runtime:
             yield model
 
     # -- checkpoint state ----------------------------------------------------------------------
-    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def model_state(self, model: torch.nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """The full (unsharded) model state dict on the main process; other ranks may get an empty dict.
-        A collective under ZeRO-3 and FSDP2: every rank calls it."""
+        `trainable_only`: the parameters that train (LoRA adapters), not the frozen base. A collective under
+        ZeRO-3 and FSDP2: every rank calls it."""
         if self.backend == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(
+            state = get_model_state_dict(
                 model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
-        if self.backend == "deepspeed":
-            return self.accelerator.get_state_dict(model)
-        return self.unwrap(model).state_dict() if self.is_main else {}
+        elif self.backend == "deepspeed":
+            state = self.accelerator.get_state_dict(model)
+        else:
+            state = self.unwrap(model).state_dict() if self.is_main else {}
+        if trainable_only:
+            keep = self.trainable_names(model)
+            state = {k: v for k, v in state.items() if k in keep}
+        return state
 
-    def save_optimizer(self, model: torch.nn.Module, optimizer: Any, folder: Path) -> None:
+    def trainable_names(self, model: torch.nn.Module) -> set[str]:
+        """State-dict names of the parameters that train."""
+        return {
+            n.removeprefix("module.") for n, p in self.unwrap(model).named_parameters() if p.requires_grad
+        }
+
+    def frozen_fingerprint(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Count and digest of the frozen parameters (names, shapes, float64 sums over ranks): the same under any
+        sharding, different for other base weights. A collective."""
+        import hashlib
+
+        trainable = self.trainable_names(model)
+        names, sums = self.parameter_sums(model, skip=lambda name: name in trainable)
+        digest = hashlib.sha256("\n".join(names).encode())
+        digest.update(" ".join(f"{v:.9g}" for v in sums.flatten().tolist()).encode())
+        frozen = sum(math.prod(s.shape) for s in self.local_shards(model) if s.name not in trainable)
+        return {"parameters": frozen, "fingerprint": digest.hexdigest()[:16]}
+
+    def save_optimizer(
+        self, model: torch.nn.Module, optimizer: Any, folder: Path, *, trainable_only: bool = False
+    ) -> None:
         """The optimizer's state into `folder` (DeepSpeed: its engine checkpoint under `deepspeed/`, which
         holds the module too; otherwise `optimizer.pt`, full, from the main process). Every rank calls it."""
         if self.backend == "deepspeed":
-            model.save_checkpoint(str(folder / "deepspeed"), tag="state")
+            model.save_checkpoint(
+                str(folder / "deepspeed"), tag="state", exclude_frozen_parameters=trainable_only
+            )
             return
         if self.backend == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -329,16 +357,26 @@ class Runtime:
         if self.is_main:
             torch.save(state, folder / "optimizer.pt")
 
-    def load_training_state(self, model: torch.nn.Module, optimizer: Any, folder: Path) -> None:
+    def load_training_state(
+        self, model: torch.nn.Module, optimizer: Any, folder: Path, *, trainable_only: bool = False
+    ) -> None:
         """Model and optimizer state back from a checkpoint folder written by `model_state` (saved as
-        `model.safetensors`) and `save_optimizer`, onto this run's sharding."""
+        `model.safetensors`) and `save_optimizer`, onto this run's sharding. `trainable_only`: the folder holds
+        the trainable parameters only (the frozen base is this run's own); every one of them must be there."""
         if self.backend == "deepspeed":
-            model.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=True)
+            model.load_checkpoint(
+                str(folder / "deepspeed"), tag="state", load_module_strict=not trainable_only
+            )
             return
         from safetensors.torch import load_file
 
         model_sd = load_file(str(folder / "model.safetensors"))
         optim_sd = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+        if trainable_only and set(model_sd) != self.trainable_names(model):
+            differ = sorted(set(model_sd) ^ self.trainable_names(model))[:3]
+            raise ValueError(
+                f"{folder}: adapter weights do not match this model's trainable parameters ({differ})"
+            )
         if self.backend == "fsdp2":
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -346,12 +384,13 @@ class Runtime:
                 set_optimizer_state_dict,
             )
 
-            set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
+            opts = StateDictOptions(full_state_dict=True, strict=not trainable_only)
+            set_model_state_dict(model, model_sd, options=opts)
             # parameters that never got a gradient (e.g. an unused final norm) have no AdamW state
             opts = StateDictOptions(full_state_dict=True, strict=False)
             set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
         else:
-            self.unwrap(model).load_state_dict(model_sd)
+            self.unwrap(model).load_state_dict(model_sd, strict=not trainable_only)
             optimizer.load_state_dict(optim_sd)
 
     # -- collectives ----------------------------------------------------------------------------

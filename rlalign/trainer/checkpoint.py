@@ -38,6 +38,8 @@ from rlalign.runtime import Runtime
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+BASE = "base.json"
+"""Adapter-only checkpoints (LoRA): the base model they apply to, by name and frozen-weight fingerprint."""
 MANIFEST = "manifest.json"
 DATA_ORDER_KEYS = ("seed", "global_batch", "train_size")
 """The fields of the data-order fingerprint that decide which samples each step sees."""
@@ -221,13 +223,21 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         rt.barrier()
-        model_sd = rt.model_state(model)
-        rt.save_optimizer(model, optimizer, tmp)
+        adapter_only = self.recipe is not None and self.recipe.model.lora is not None
+        model_sd = rt.model_state(model, trainable_only=adapter_only)
+        base = (
+            {"name_or_path": self.recipe.model.name_or_path, **rt.frozen_fingerprint(model)}
+            if adapter_only
+            else None
+        )
+        rt.save_optimizer(model, optimizer, tmp, trainable_only=adapter_only)
         meta, tensors = _rng_state()
         (tmp / "rng" / f"rank-{rt.rank}.json").write_text(json.dumps(meta))
         save_tensors(tensors, tmp / "rng" / f"rank-{rt.rank}.safetensors")
         if rt.is_main:
             save_tensors(model_sd, tmp / "model.safetensors")
+            if base is not None:  # adapter-only: the frozen base is referenced, not copied
+                (tmp / BASE).write_text(json.dumps(base, indent=1))
             (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
             (tmp / "recipe.yaml").write_text(dump_recipe(self.recipe))
@@ -283,7 +293,17 @@ class Checkpointer:
         rt = self.runtime
         state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
         self._check_data_order(path)
-        rt.load_training_state(model, optimizer, path)
+        adapter_only = (path / BASE).is_file()
+        if adapter_only:
+            saved, ours = json.loads((path / BASE).read_text()), rt.frozen_fingerprint(model)
+            if saved["fingerprint"] != ours["fingerprint"]:
+                raise RecipeError(
+                    f"trainer.resume: {path} holds adapter weights over base '{saved['name_or_path']}' "
+                    f"({saved['parameters']:,} frozen parameters, fingerprint {saved['fingerprint']}), but this "
+                    f"run's frozen weights differ ({ours['parameters']:,}, {ours['fingerprint']}): "
+                    "model.name_or_path must name the same base"
+                )
+        rt.load_training_state(model, optimizer, path, trainable_only=adapter_only)
         scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         log.info("resumed from %s at step %d", path, state.step)
         return state
