@@ -1,5 +1,7 @@
 """A recipe ready to run: `rlalign.config.read_recipe` (shape, types, ranges, files) plus the plug-ins it
-names, resolved against their registries: the objective and its settings section, the reward terms.
+names, resolved against their registries: the objective and its settings section, the reward terms (user
+callables imported from the working directory or the recipe's folder, built-in terms' `options` checked), and
+the defaults that depend on the objective (`model.disable_dropout`).
 
 This module sits above the plug-in packages, so the config layer below knows none of them by import.
 """
@@ -10,8 +12,8 @@ from pathlib import Path
 
 from rlalign.config import Recipe, RecipeError, read_recipe
 from rlalign.config.loader import resolve_recipe_path
-from rlalign.objectives import resolve_objective
-from rlalign.rewards.combined import REWARDS
+from rlalign.objectives import is_rollout_class, resolve_objective
+from rlalign.rewards.combined import check_reward
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -27,8 +29,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def resolve_plugins(recipe: Recipe, *, search_dirs: tuple[str, ...] = ()) -> None:
-    """The objective (settings built into `recipe.objective.settings`) and the names of built-in rewards."""
-    resolve_objective(recipe, search_dirs=search_dirs)
+    """The objective (settings built into `recipe.objective.settings`), the reward terms, and
+    `model.disable_dropout` when the recipe leaves it unset: on for objectives that score against a
+    reference or roll out (their log-probs must not carry dropout noise the reference's lack)."""
+    cls = resolve_objective(recipe, search_dirs=search_dirs)
+    if recipe.model.disable_dropout is None:
+        recipe.model.disable_dropout = bool(
+            cls.requires_reference(recipe.objective.settings)
+        ) or is_rollout_class(cls)
     for i, reward in enumerate(recipe.objective.rewards):
-        if ":" not in reward.name:
-            REWARDS.get(reward.name, where=f"objective.rewards[{i}].name")
+        check_reward(reward, where=f"objective.rewards[{i}]", search_dirs=search_dirs)

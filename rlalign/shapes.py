@@ -217,3 +217,34 @@ def corpus(config: ShapesConfig, n_items: int = 500) -> list[str]:
     texts = [c for i in range(n_items) for c in make_item(config, "train", i, draw=False).captions]
     vocab = list(SHAPE_WORDS) + list(COLORS) + [p for ps in POSITION_PHRASES.values() for p in ps]
     return texts + [" ".join(vocab)]
+
+
+# -- questions with exact answers (the `shapes_vqa` data source) ----------------------------------
+VQA_KINDS = ("count", "count_color", "color_of")
+
+
+def vqa_question(objects: list[ShapeObject], rng: random.Random) -> tuple[str, str, str]:
+    """(kind, question, exact answer) about an item's objects:
+    - `how many shapes are there ?` -> the number of shapes (`1`..`3`);
+    - `how many <colour> shapes are there ?` -> how many have that colour (`0`..`3`: any of the five colours
+      is asked about, absent ones too);
+    - `what color is the <shape> ?` -> its colour, asked only when exactly one shape of that kind is present
+      (otherwise the item asks the first question)."""
+    shapes = [o.shape for o in objects]
+    colors = [o.color for o in objects]
+    kind = rng.choice(VQA_KINDS)
+    unique = sorted(s for s in set(shapes) if shapes.count(s) == 1)
+    if kind == "color_of" and unique:
+        shape = rng.choice(unique)
+        return kind, f"what color is the {shape} ?", colors[shapes.index(shape)]
+    if kind == "count_color":
+        color = rng.choice(list(COLORS))
+        return kind, f"how many {color} shapes are there ?", str(colors.count(color))
+    return "count", "how many shapes are there ?", str(len(objects))
+
+
+def make_vqa_item(config: ShapesConfig, split: str, index: int) -> tuple[ShapesItem, str, str, str]:
+    """Shapes item `index` of `split` and its question: (item, kind, question, answer), the same every time."""
+    item = make_item(config, split, index)
+    kind, text, answer = vqa_question(item.objects, _rng(config.seed, f"vqa-{split}", index))
+    return item, kind, text, answer

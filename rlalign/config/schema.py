@@ -78,9 +78,17 @@ class ModelConfig:
     reference: Literal["none", "copy", "adapter_disabled"] = "none"
     """Reference policy: none, a frozen copy sharded like the policy, or the policy with its LoRA adapter off."""
     trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    """Attention kernel. `flash_attention_2` needs the flash-attn package and cannot take packed rows' block
+    masks: preference pairs then run unpacked (each response its own row, the image encoded per row)."""
     """Allow model code from the checkpoint (off unless the recipe asks)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Sizes for the built-in tiny model."""
+    disable_dropout: bool | None = None
+    """Set every dropout probability to 0 in policy and reference, LoRA dropout included (as TRL's
+    `disable_dropout_in_model`), so the policy's log-probs are not noisier than the reference's. None: on for
+    objectives that score against a reference or roll out (dpo, rdpo, grpo, scst), off otherwise (xe);
+    resolved when the recipe loads (`rlalign.recipe.load_recipe`)."""
 
     def __post_init__(self) -> None:
         if self.reference == "adapter_disabled" and self.lora is None:
@@ -91,10 +99,17 @@ class ModelConfig:
 class DataConfig:
     """Where training and evaluation examples come from."""
 
-    source: Literal["shapes", "local"] = "shapes"
-    """`shapes` (the generated world) or `local` (a dataset on disk, see `path`)."""
+    source: Literal["shapes", "shapes_vqa", "local"] = "shapes"
+    """`shapes` (the generated world), `shapes_vqa` (counting and colour questions about it, with exact
+    answers: `rlalign.shapes_vqa`) or `local` (a dataset on disk or in the local HF cache, see `path`)."""
     path: str | None = None
-    """For `local`: a dataset directory (save_to_disk), or a .parquet/.arrow/.jsonl file, or a folder of them."""
+    """For `local`: a dataset directory (save_to_disk), a .parquet/.arrow/.jsonl file, a folder of them
+    (`<split>.<ext>` each), or a hub dataset id resolved offline from the local Hugging Face datasets cache."""
+    train_split: str = "train"
+    """Split trained on (local data and preference data)."""
+    eval_split: str | None = None
+    """Split validated on: a name (`validation` and `val` stand for each other). None: `val` / `validation`,
+    else `test` (said in the log), else the last 5% of the training split (preference data) or an error."""
     image_column: str = "image"
     """Column holding the image (PIL, bytes or a path)."""
     captions_column: str = "captions"
@@ -144,6 +159,8 @@ class DataConfig:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.source == "local" and not self.path:
             raise ValueError("source 'local' needs data.path")
+        if self.eval_split is not None and self.eval_split == self.train_split:
+            raise ValueError(f"eval_split '{self.eval_split}' is the training split")
         for name in ("train_size", "val_size", "test_size", "max_response_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -156,7 +173,12 @@ class RewardConfig:
     name: str
     """`cider` (CIDEr-D, df cached from the training references), `bleu` (smoothed sentence BLEU-4),
     `hallucination` (minus the share of mentioned shapes/colours absent from the image; needs ground-truth
-    `objects`), or a user callable `package.module:function` called as `fn(samples, image_ids, **columns)`."""
+    `objects`), `answer_accuracy` / `format` (verifiable rewards: `rlalign.rewards.verifiable`), or a user
+    callable `package.module:function`, called TRL's way `fn(completions, prompts, **columns)` when its first
+    parameter is named `completions`, else `fn(samples, image_ids, **columns)`."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword settings of a built-in term, checked when the recipe loads (e.g. `answer_accuracy`:
+    `extract: answer_tag | last_number | regex | full`, `pattern`, `column`)."""
     weight: float = 1.0
     """Weight of this term in the summed reward."""
 

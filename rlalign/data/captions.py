@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,8 +30,9 @@ from torch.utils.data import Dataset as TorchDataset
 
 from rlalign.config import RecipeError
 from rlalign.config.schema import DataConfig
+from rlalign.data.collate import message_text
 from rlalign.data.images import BadRowError, CellError, ImageReader, bad_row, in_column
-from rlalign.shapes import ShapesConfig, make_item
+from rlalign.shapes import ShapesConfig, make_item, make_vqa_item
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +54,39 @@ _OBJECT_FEATURES = datasets.Features(
         ],
     }
 )
+
+
+_VQA_FEATURES = datasets.Features(
+    {
+        **_OBJECT_FEATURES,
+        "prompt": datasets.Value("string"),
+        "solution": datasets.Value("string"),
+        "question_kind": datasets.Value("string"),
+    }
+)
+
+
+def _objects(item: Any) -> list[dict]:
+    return [
+        {"shape": o.shape, "color": o.color, "position": o.position, "box": list(o.box)} for o in item.objects
+    ]
+
+
+def shapes_vqa_dataset(config: ShapesConfig, split: str, size: int) -> Dataset:
+    """`size` shapes questions (`rlalign.shapes.vqa_question`) as a `datasets.Dataset`: `image`, `image_id`,
+    `prompt` (the question), `solution` (the exact answer), `question_kind`, `captions` (one: the answer as
+    `<answer>...</answer>`, the XE target) and `objects`. Deterministic."""
+    rows: dict[str, list] = {name: [] for name in _VQA_FEATURES}
+    for i in range(size):
+        item, kind, text, answer = make_vqa_item(config, split, i)
+        rows["image"].append(item.image)
+        rows["image_id"].append(f"vqa-{split}-{i:06d}")
+        rows["captions"].append([f"<answer>{answer}</answer>"])
+        rows["objects"].append(_objects(item))
+        rows["prompt"].append(text)
+        rows["solution"].append(answer)
+        rows["question_kind"].append(kind)
+    return Dataset.from_dict(rows, features=_VQA_FEATURES)
 
 
 def shapes_dataset(config: ShapesConfig, split: str, size: int) -> Dataset:
@@ -134,55 +169,120 @@ def scan_rows(
     return results, kept, sum(bad.values())
 
 
-# -- caption splits -------------------------------------------------------------------------------
-def _load_local(path: Path) -> tuple[DatasetDict, dict[str, str]]:
-    """The splits found at `path` and, for each, the file (or folder) it was read from."""
+# -- splits: local folders and files, saved datasets, the local hub cache -----------------------------
+SPLIT_ALIASES = {"val": "validation", "validation": "val"}
+
+
+def _hub_id(spec: str) -> bool:
+    """Whether `spec` reads as a hub dataset id (`name` or `owner/name`) rather than a path."""
+    return bool(re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", spec)) and Path(spec).suffix not in FILE_KINDS
+
+
+def read_splits(spec: str) -> tuple[DatasetDict, dict[str, str], Path | None]:
+    """The splits of a dataset: (splits by name, where each was read from, the folder relative image paths
+    resolve against). `spec` is a save_to_disk folder (a DatasetDict, or one Dataset: split `train`), a
+    .parquet/.arrow/.jsonl/.json file (split `train`), a folder of `<split>.<ext>` files, or a hub dataset id
+    read from the local Hugging Face datasets cache, never downloaded."""
+    path = Path(spec).expanduser()
+    if not path.exists() and _hub_id(spec):
+        return _from_hub_cache(spec), {}, None
+    root = path if path.is_dir() else path.parent
     if (path / "dataset_dict.json").is_file():
         dd = datasets.load_from_disk(str(path))
-        return dd, {name: f"{path} split '{name}'" for name in dd}
+        return dd, {name: f"{path} split '{name}'" for name in dd}, root
+    if (path / "dataset_info.json").is_file():
+        return DatasetDict({"train": datasets.load_from_disk(str(path))}), {"train": str(path)}, root
     if path.is_file():
-        return DatasetDict({"train": read_data_file(path)}), {"train": str(path)}
+        if path.suffix not in FILE_KINDS:
+            raise RecipeError(f"{path}: not a data file (expected {', '.join(FILE_KINDS)})")
+        return DatasetDict({"train": read_data_file(path)}), {"train": str(path)}, root
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
     found, where = {}, {}
-    for split, names in {"train": ["train"], "val": ["val", "validation"], "test": ["test"]}.items():
-        for name in names:
-            for suffix in FILE_KINDS:
-                f = path / f"{name}{suffix}"
-                if f.is_file():
-                    found[split], where[split] = read_data_file(f), str(f)
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in FILE_KINDS and f.stem not in found:
+            found[f.stem], where[f.stem] = read_data_file(f), str(f)
     if not found:
         raise FileNotFoundError(
-            f"{path}: no dataset found (expected save_to_disk output or train/val/test files)"
+            f"{path}: no dataset found (expected save_to_disk output or <split>.parquet/.arrow/.jsonl files)"
         )
-    return DatasetDict(found), where
+    return DatasetDict(found), where, root
+
+
+def _from_hub_cache(name: str) -> DatasetDict:
+    """A hub dataset from the local cache only (offline whatever the environment says)."""
+    from datasets import config as ds_config
+
+    offline = ds_config.HF_HUB_OFFLINE
+    ds_config.HF_HUB_OFFLINE = True
+    try:
+        dd = datasets.load_dataset(name)
+    except Exception as err:  # noqa: BLE001 - datasets raises ConnectionError, FileNotFoundError, ValueError...
+        first = " ".join(str(err).split())[:160]
+        raise RecipeError(
+            f"data.path: '{name}' is no local path and not in the local Hugging Face datasets cache "
+            f"({ds_config.HF_DATASETS_CACHE}); download it first on a machine with access "
+            f"(datasets.load_dataset('{name}')) [{type(err).__name__}: {first}]"
+        ) from None
+    finally:
+        ds_config.HF_HUB_OFFLINE = offline
+    return dd if isinstance(dd, DatasetDict) else DatasetDict({"train": dd})
+
+
+def split_name(cfg: DataConfig, available: list[str], role: str, where: str) -> str | None:
+    """The split that plays `role` (`train`, `val`, `test`) among `available`: `data.train_split`,
+    `data.eval_split` (`val` and `validation` stand for each other) or, unset, `val` / `validation` / `test`;
+    None when validation has no split; a missing named split is a one-line error naming the key."""
+    key, wanted = {
+        "train": ("data.train_split", cfg.train_split),
+        "val": ("data.eval_split", cfg.eval_split),
+    }.get(role, ("split", role))
+    if wanted is None:  # eval_split unset: the first evaluation split present
+        found = next((n for n in ("val", "validation", "test") if n in available), None)
+        if found == "test":
+            log.info("%s: validating on split 'test' (no val/validation split; set data.eval_split)", where)
+        return found
+    for name in (wanted, SPLIT_ALIASES.get(wanted)):
+        if name in available:
+            return name
+    raise RecipeError(f"{key}: {where} has no split '{wanted}' (splits: {', '.join(available)})")
 
 
 def _split_table(cfg: DataConfig, split: str) -> tuple[Dataset, str, Path | None]:
-    """One split with columns `image` (as stored), `image_id`, `captions`; where it was read from; the
-    folder relative image paths resolve against."""
+    """One split with columns `image` (as stored), `image_id`, `captions` (and any other column, e.g. a
+    per-row `prompt`); where it was read from; the folder relative image paths resolve against. A dataset
+    with `prompt` / `completion` columns (TRL's prompt-completion format) takes `completion` as its caption."""
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}' (valid: {', '.join(SPLITS)})")
+    size = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}[split]
+    shapes = ShapesConfig(seed=cfg.seed, image_size=cfg.image_size)
     if cfg.source == "shapes":
-        size = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}[split]
-        shapes = ShapesConfig(seed=cfg.seed, image_size=cfg.image_size)
         return shapes_dataset(shapes, split, size), f"shapes {split}", None
-    path = Path(cfg.path).expanduser()
-    dd, where = _load_local(path)
-    name = "validation" if split == "val" and "validation" in dd else split
-    if name not in dd:
-        raise RecipeError(f"{path}: no '{split}' split (found: {', '.join(dd)})")
+    if cfg.source == "shapes_vqa":
+        return shapes_vqa_dataset(shapes, split, size), f"shapes_vqa {split}", None
+    dd, where, root = read_splits(cfg.path)
+    label = str(Path(cfg.path).expanduser()) if root is not None else cfg.path
+    name = split_name(cfg, list(dd), split, label)
+    if name is None:
+        raise RecipeError(
+            f"data.eval_split: {label} has no validation split (splits: {', '.join(dd)}); name one"
+        )
     ds = dd[name]
-    for col in (cfg.image_column, cfg.captions_column):
+    captions = cfg.captions_column
+    if captions not in ds.column_names and "completion" in ds.column_names:
+        captions = "completion"
+    for col in (cfg.image_column, captions):
         if col not in ds.column_names:
             raise RecipeError(
-                f"{path}: split '{split}' has no column '{col}' (columns: {', '.join(ds.column_names)})"
+                f"{label}: split '{name}' has no column '{col}' (columns: {', '.join(ds.column_names)})"
             )
     if cfg.image_column != "image":
         ds = ds.rename_column(cfg.image_column, "image")
-    if cfg.captions_column != "captions":
-        ds = ds.rename_column(cfg.captions_column, "captions")
+    if captions != "captions":
+        ds = ds.rename_column(captions, "captions")
     if "image_id" not in ds.column_names:
-        ds = ds.add_column("image_id", [f"{split}-{i:07d}" for i in range(len(ds))])
-    return ds, where.get(name, str(path)), path if path.is_dir() else path.parent
+        ds = ds.add_column("image_id", [f"{name}-{i:07d}" for i in range(len(ds))])
+    return ds, where.get(name, f"{label} split '{name}'"), root
 
 
 def load_split(cfg: DataConfig, split: str) -> Dataset:
@@ -201,6 +301,8 @@ def load_rows(cfg: DataConfig, split: str) -> CaptionRows:
 
 
 def _captions(value: Any) -> list[str]:
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        value = message_text(value)  # a conversational completion: the assistant messages' text
     caps = value if isinstance(value, list) else [value]
     if not caps:
         raise CellError("no captions")
@@ -268,6 +370,12 @@ class CaptionPairs(TorchDataset):
         return {
             "image": row["image"],
             "image_id": row["image_id"],
-            "prompt": self.prompt,
+            "prompt": row_prompt(row, self.prompt),
             "response": row["captions"][j],
         }
+
+
+def row_prompt(row: dict, default: str) -> str | list[dict]:
+    """The row's own `prompt` (a string or chat messages) when it has one, else the recipe's `data.prompt`."""
+    prompt = row.get("prompt")
+    return default if prompt is None else prompt

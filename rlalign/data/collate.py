@@ -15,24 +15,115 @@ IGNORE = -100
 TOKEN_ALIGNED = {"mm_token_type_ids": 0, "token_type_ids": 0}
 
 
-def prompt_text(processor: Any, prompt: str) -> str:
-    """The prompt as the model family expects it: its chat template when it has one, else `<image>` + text."""
+SENTINEL = "\x00rlalign-prompt\x00"
+"""Text that no prompt holds: rendered through a chat template, it shows what the template puts around a prompt."""
+
+
+def message_text(messages: list[dict]) -> str:
+    """The text of chat messages (TRL's format: `content` a string or a list of parts such as
+    `{"type": "text", "text": ...}`), concatenated; image parts carry no text."""
+    out = []
+    for message in messages:
+        content = message.get("content", "")
+        if isinstance(content, str):
+            out.append(content)
+        else:
+            out += [part.get("text", "") for part in content if part.get("type") == "text"]
+    return "".join(out)
+
+
+def image_slots(messages: list[dict]) -> int:
+    """How many `{"type": "image"}` parts the messages hold."""
+    return sum(
+        1
+        for m in messages
+        if not isinstance(m.get("content", ""), str)
+        for part in m["content"]
+        if part.get("type") == "image"
+    )
+
+
+def with_images(messages: list[dict], n_images: int) -> list[dict]:
+    """The messages with string contents as text parts and, when they hold no image part, `n_images` image
+    parts at the start of the first user message (as TRL's `prepare_multimodal_messages`)."""
+    out = [
+        {
+            **m,
+            "content": [{"type": "text", "text": m["content"]}]
+            if isinstance(m["content"], str)
+            else m["content"],
+        }
+        for m in messages
+    ]
+    if n_images and not image_slots(out):
+        first = next((i for i, m in enumerate(out) if m["role"] == "user"), 0)
+        out[first] = {**out[first], "content": [{"type": "image"}] * n_images + list(out[first]["content"])}
+    return out
+
+
+def _template_parts(processor: Any) -> tuple[str, str]:
+    """(image placeholder, generation tail) of the processor's chat template: what it renders for one image
+    part, and what follows the user's text up to where the answer starts."""
+    with_image = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SENTINEL}]}],
+        add_generation_prompt=True,
+    )
+    text_only = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": SENTINEL}]}], add_generation_prompt=True
+    )
+    head, tail = with_image.split(SENTINEL)
+    placeholder = head[len(text_only.split(SENTINEL)[0]) :]
+    return placeholder.strip(), tail.strip()
+
+
+def is_templated(processor: Any, prompt: str) -> bool:
+    """Whether a string prompt is already rendered for the model: it holds the family's image placeholder
+    (the chat template's, e.g. `<|vision_start|><|image_pad|><|vision_end|>`, or the processor's image token
+    when there is no template) or ends with the template's generation prompt (e.g. `ASSISTANT:`)."""
+    if not getattr(processor, "chat_template", None):
+        return processor.image_token in prompt
+    placeholder, tail = _template_parts(processor)
+    return bool(placeholder and placeholder in prompt) or bool(tail and prompt.rstrip().endswith(tail))
+
+
+def prompt_text(processor: Any, prompt: str | list[dict], n_images: int = 1) -> str:
+    """The prompt as the model family expects it, for a row with `n_images` images: chat messages go through
+    the chat template (image parts added when they have none); a plain string gets the template around it
+    (or `<image>` x n + text without one), unless it is already rendered (`is_templated`): then as is."""
+    if isinstance(prompt, str) and prompt and is_templated(processor, prompt):
+        return prompt
+    messages = (
+        [{"role": "user", "content": [{"type": "text", "text": prompt}] if prompt else []}]
+        if isinstance(prompt, str)
+        else prompt
+    )
+    messages = with_images(messages, n_images)
     if getattr(processor, "chat_template", None):
-        content = [{"type": "image"}] + ([{"type": "text", "text": prompt}] if prompt else [])
-        return processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
-        )
-    return processor.image_token + prompt
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return "".join(
+        processor.image_token if part["type"] == "image" else part.get("text", "")
+        for m in messages
+        for part in m["content"]
+    )
 
 
-def encode_prompts(processor: Any, images: list, prompts: list[str], *, padding_side: str = "left") -> dict:
-    """Processor output for the prompts alone (pixel values and image-token-expanded ids)."""
+def image_list(images: Any) -> list:
+    """A row's images as a list (a row holds one image, or a list of them)."""
+    return list(images) if isinstance(images, list | tuple) else [images]
+
+
+def encode_prompts(
+    processor: Any, images: list, prompts: list[str | list[dict]], *, padding_side: str = "left"
+) -> dict:
+    """Processor output for the prompts alone (pixel values and image-token-expanded ids). `images[i]` is
+    row i's image or list of images; `prompts[i]` a string or chat messages (see `prompt_text`)."""
     tok = processor.tokenizer
     old = tok.padding_side
     tok.padding_side = padding_side
     try:
-        texts = [prompt_text(processor, p) for p in prompts]
-        return processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=True)
+        per_row = [image_list(im) for im in images]
+        texts = [prompt_text(processor, p, len(ims)) for p, ims in zip(prompts, per_row)]
+        return processor(text=texts, images=per_row, return_tensors="pt", padding=True)
     finally:
         tok.padding_side = old
 

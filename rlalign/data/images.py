@@ -12,9 +12,10 @@ twice the limit and only warns above it; here both refuse the image. A cell that
 Datasets keep cells (bytes in the Arrow table, or paths), never decoded images: each `__getitem__` decodes,
 so a decoded image lives as long as the batch that asked for it.
 
-The `images` data kind: one row per image (the image, its id, all its reference captions and, shapes
-world, its ground-truth objects); the collator encodes the prompts (left-padded, ready for `generate`) and
-passes the ids, references and objects on as lists for the rewards. Validation keeps the reference-caption
+The `images` data kind: one row per image (the image, its id, all its reference captions, its own prompt when
+the data has a `prompt` column, and any other column: the shapes world's ground-truth objects, a VQA
+`solution`...); the collator encodes the prompts (left-padded, ready for `generate`) and passes every other
+column on as lists for the rewards. Validation keeps the reference-caption
 NLL of `xe`: rows that carry a `response` (the `CaptionPairs` view) are collated for it.
 """
 
@@ -181,7 +182,9 @@ class ImageReader:
 
 # -- the `images` data kind -----------------------------------------------------------------------
 class ImageRows(TorchDataset):
-    """One item per usable row of a caption split: image (decoded here), image_id, captions, prompt."""
+    """One item per usable row of a caption split: image (decoded here), image_id, captions, every other column
+    of the row, and the prompt: the row's own `prompt` column (string or chat messages) when it has one,
+    else `data.prompt`."""
 
     def __init__(self, rows: CaptionRows, prompt: str = ""):
         self.rows, self.prompt = rows, prompt
@@ -190,11 +193,18 @@ class ImageRows(TorchDataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        return {**self.rows.row(i), "prompt": self.prompt}
+        row = self.rows.row(i)
+        prompt = row.get("prompt")
+        return {**row, "prompt": self.prompt if prompt is None else prompt}
+
+
+COLUMN_NAMES = {"image_id": "image_ids", "captions": "refs"}
+"""Row fields renamed in the batch (the names the rewards have always read)."""
 
 
 class PromptCollator:
-    """Image rows -> input_ids, attention_mask, pixel inputs (prompts only) + image_ids, refs, objects."""
+    """Image rows -> input_ids, attention_mask, pixel inputs (prompts only), and every other field of the rows
+    as a list per field for the rewards: `image_ids`, `refs` (the captions), `prompt`, `objects`, `solution`..."""
 
     def __init__(self, processor: Any, max_response_tokens: int):
         self.processor = processor
@@ -204,8 +214,7 @@ class PromptCollator:
         if "response" in rows[0]:
             return self.sft(rows)
         batch = dict(encode_prompts(self.processor, [r["image"] for r in rows], [r["prompt"] for r in rows]))
-        batch["image_ids"] = [r["image_id"] for r in rows]
-        batch["refs"] = [r["captions"] for r in rows]
-        if "objects" in rows[0]:
-            batch["objects"] = [r["objects"] for r in rows]
+        for key in rows[0]:
+            if key != "image" and key not in batch:
+                batch[COLUMN_NAMES.get(key, key)] = [r[key] for r in rows]
         return batch

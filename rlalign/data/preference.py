@@ -1,10 +1,17 @@
 """Preference data for DPO / rDPO: TRL-compatible columns, validated up front, packed so each image
 is encoded once.
 
-A dataset has columns `images` (one image, or a list holding one), `prompt`, `chosen`, `rejected`
+A dataset has TRL's columns `images` (one image, or a list of one or more), `prompt`, `chosen`, `rejected`
 and, for rDPO, `retrieved_images`; images are PIL, bytes, `{"bytes", "path"}` or file paths
-(relative ones resolve against the dataset's folder). It is read from a save_to_disk folder, a
-.parquet/.arrow/.jsonl file or a folder of train/val files, or generated from the shapes world.
+(relative ones resolve against the dataset's folder), each decoded and encoded once per row. Text is plain
+strings or TRL's conversational form: `prompt` a list of `{"role", "content"}` messages (rendered by the
+chat template, `{"type": "image"}` parts placing the images, added to the first user message when absent),
+`chosen` / `rejected` the assistant's messages. A string prompt already rendered for the model (it holds the
+family's image placeholder or ends with the generation prompt) is not templated again. It is read from a
+save_to_disk folder, a .parquet/.arrow/.jsonl file, a folder of `<split>.<ext>` files, a hub dataset id in
+the local cache (`rlalign.data.captions.read_splits`), or generated from the shapes world; the splits are
+`data.train_split` and `data.eval_split`. Rows with several images need a family whose preference rows
+pack, and not rDPO (a one-line error names the row otherwise).
 
 Every row is checked before training (text UTF-8, chosen / rejected not empty, images readable to the
 last pixel and within `max_image_pixels`, prompt with its image tokens fitting `max_length`); a bad row
@@ -34,12 +41,12 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 
 from rlalign.config.schema import DataConfig
-from rlalign.data.captions import FILE_KINDS, read_data_file, scan_rows
-from rlalign.data.collate import TOKEN_ALIGNED, encode_prompts
+from rlalign.data.captions import read_splits, scan_rows, split_name
+from rlalign.data.collate import TOKEN_ALIGNED, encode_prompts, image_slots, message_text
 from rlalign.data.images import BadRowError, CellError, ImageReader, bad_row, in_column
-from rlalign.shapes import COLORS, SHAPE_WORDS, ShapesConfig, make_item
 from rlalign.models.packing import packs_preferences
 from rlalign.models.vision_inputs import take_rows
+from rlalign.shapes import COLORS, SHAPE_WORDS, ShapesConfig, make_item
 
 __all__ = ["BadRowError", "PreferenceCollator", "PreferencePairs", "load_preferences", "shapes_preferences"]
 
@@ -50,25 +57,18 @@ PAD_SEGMENT, PROMPT, FIRST, SECOND = -1, 0, 1, 2
 
 
 # -- loading and validation -----------------------------------------------------------------------
-def _load_table(path: Path) -> tuple[datasets.DatasetDict, dict[str, str]]:
-    """The splits at `path` and, for each, the file (or folder) it was read from."""
-    if (path / "dataset_dict.json").is_file():
-        dd = datasets.load_from_disk(str(path))
-        return dd, {name: f"{path} split '{name}'" for name in dd}
-    if (path / "dataset_info.json").is_file():
-        return datasets.DatasetDict({"train": datasets.load_from_disk(str(path))}), {"train": str(path)}
-    if path.is_file():
-        return datasets.DatasetDict({"train": read_data_file(path)}), {"train": str(path)}
-    found, where = {}, {}
-    for split, names in {"train": ["train"], "val": ["val", "validation"]}.items():
-        for name in names:
-            for suffix in FILE_KINDS:
-                if (path / f"{name}{suffix}").is_file() and split not in found:
-                    found[split] = read_data_file(path / f"{name}{suffix}")
-                    where[split] = str(path / f"{name}{suffix}")
-    if not found:
-        raise FileNotFoundError(f"{path}: no preference data found (save_to_disk folder or train/val files)")
-    return datasets.DatasetDict(found), where
+def _load_table(
+    cfg: DataConfig,
+) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, str], Path | None]:
+    """(train split, validation split or None, where each was read from, folder of relative image paths)."""
+    dd, where, root = read_splits(cfg.pairs_path)
+    label = str(Path(cfg.pairs_path).expanduser()) if root is not None else cfg.pairs_path
+    train_name = split_name(cfg, list(dd), "train", label)
+    val_name = split_name(cfg, list(dd), "val", label)
+    found = {"train": where.get(train_name, f"{label} split '{train_name}'")}
+    if val_name is not None:
+        found["val"] = where.get(val_name, f"{label} split '{val_name}'")
+    return dd[train_name], (dd[val_name] if val_name else None), found, root
 
 
 def _raw_images(table: datasets.Dataset, col: str) -> datasets.Dataset:
@@ -152,6 +152,12 @@ class PreferencePairs(TorchDataset):
         self.images = table.select_columns(list(self.image_columns.values()))
         self.reader = ImageReader.from_config(cfg, root)
         self.name = name
+        self.multi_image: str | None = None
+        """Why rows with several images cannot train here (None: they can)."""
+        if retrieved:
+            self.multi_image = "rDPO swaps one true image for one retrieved image"
+        elif not packs_preferences(processor):
+            self.multi_image = f"{type(processor).__name__} rows are unpacked (images repeated per response)"
 
         def check(raw: dict) -> dict:
             return self._check(raw, cols, processor, cfg)
@@ -168,18 +174,22 @@ class PreferencePairs(TorchDataset):
         row: dict[str, Any] = {}
         for field in TEXT_COLUMNS:
             with in_column(cols[field]):
-                value = raw[cols[field]]
-                if not isinstance(value, str):
-                    raise CellError("not text", f"got {type(value).__name__}")
-                if field != "prompt" and not value.strip():
-                    raise CellError("empty text")
-                row[field] = value
+                row[field] = _text_cell(raw[cols[field]], field)
         decoded = {}
         for key, col in self.image_columns.items():
             with in_column(col):
-                source = self.reader.source(raw[col])
-                row[f"{key}_hash"] = hashlib.sha1(self.reader.data(source)).hexdigest()
-                decoded[key] = self.reader.decode(source)
+                cells = _image_cells(raw[col])
+                if len(cells) > 1 and self.multi_image is not None:
+                    raise CellError("multi-image row", f"{len(cells)} images, but {self.multi_image}")
+                sources = [self.reader.source(c) for c in cells]
+                digests = [hashlib.sha1(self.reader.data(source)).hexdigest() for source in sources]
+                one = len(digests) == 1
+                row[f"{key}_hash"] = (
+                    digests[0] if one else hashlib.sha1("".join(digests).encode()).hexdigest()
+                )
+                decoded[key] = [self.reader.decode(source) for source in sources]
+        with in_column(cols["prompt"]):
+            _check_slots(row["prompt"], len(decoded["image"]))
         if cfg.max_length is not None:
             n = int(encode_prompts(processor, [decoded["image"]], [row["prompt"]])["attention_mask"].sum())
             if n >= cfg.max_length:
@@ -197,16 +207,56 @@ class PreferencePairs(TorchDataset):
         for key, col in self.image_columns.items():
             try:
                 with in_column(col):
-                    item[key] = self.reader.read(cells[col])
+                    images = [self.reader.read(c) for c in _image_cells(cells[col])]
             except CellError as err:
                 raise bad_row(self.name, row["row"], err) from None
+            item[key] = images[0] if len(images) == 1 else images
         return item
+
+
+def _text_cell(value: Any, field: str) -> str | list[dict]:
+    """A prompt / chosen / rejected cell: a string, or TRL's conversational form (a list of {role, content}
+    messages; `content` a string or a list of {type, text} parts). A response becomes its messages' text;
+    a prompt stays messages (the chat template renders it)."""
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        bad = next((m for m in value if "role" not in m or "content" not in m), None)
+        if bad is not None or (field != "prompt" and not value):
+            raise CellError("not chat messages", "each message needs 'role' and 'content'")
+        if field == "prompt":
+            return value
+        roles = sorted({m["role"] for m in value} - {"assistant"})
+        if roles:
+            detail = f"a conversational {field} holds the assistant's messages only, got role {roles[0]!r}"
+            raise CellError("not a response", detail)
+        value = message_text(value)
+    if not isinstance(value, str):
+        raise CellError("not text", f"got {type(value).__name__} (expected a string or chat messages)")
+    if field != "prompt" and not value.strip():
+        raise CellError("empty text")
+    return value
+
+
+def _image_cells(value: Any) -> list:
+    """The image cells of a row: one image, or a list of one or more."""
+    cells = list(value) if isinstance(value, list | tuple) else [value]
+    if not cells:
+        raise CellError("no image", "empty image list")
+    return cells
+
+
+def _check_slots(prompt: str | list[dict], n_images: int) -> None:
+    """Chat messages that place images themselves must place exactly the row's images."""
+    if isinstance(prompt, list):
+        slots = image_slots(prompt)
+        if slots and slots != n_images:
+            raise CellError("image count", f"the messages have {slots} image parts for {n_images} images")
 
 
 def load_preferences(
     cfg: DataConfig, processor: Any, *, retrieved: bool
 ) -> tuple[PreferencePairs, PreferencePairs]:
-    """Train and validation pairs; without a val split the last 5% (at least one row) is held out."""
+    """Train and validation pairs (splits chosen by `data.train_split` / `data.eval_split`); without a
+    validation split the last 5% (at least one row) of the training split is held out."""
     first_val_row = 0
     if cfg.pairs_path is None:
         shapes = ShapesConfig(seed=cfg.seed, image_size=cfg.image_size)
@@ -214,20 +264,15 @@ def load_preferences(
         val = shapes_preferences(shapes, "val", cfg.val_size, cfg.prompt)
         root, where = None, {"train": "shapes train", "val": "shapes val"}
     else:
-        path = Path(cfg.pairs_path).expanduser()
-        dd, where = _load_table(path)
-        root = path if path.is_dir() else path.parent
-        train = dd["train"]
-        if "val" in dd or "validation" in dd:
-            val = dd["val" if "val" in dd else "validation"]
-            where["val"] = where.get("val", where.get("validation", str(path)))
-        else:
+        train, val, where, root = _load_table(cfg)
+        if val is None:
             where["val"] = where["train"]
             n_val = max(1, len(train) // 20) if len(train) > 1 else 0
             first_val_row = len(train) - n_val
             train, val = train.select(range(first_val_row)), train.select(range(first_val_row, len(train)))
             if n_val == 0:
                 val, first_val_row = train, 0
+            log.info("%s: no validation split; the last %d rows are held out", where["train"], len(val))
     return (
         PreferencePairs(train, processor, cfg, retrieved=retrieved, root=root, name=where["train"]),
         PreferencePairs(
@@ -302,7 +347,9 @@ class PreferenceCollator:
             seqs = firsts + [(j, p, [], r) for j, (p, _, r) in enumerate(rows) if r]
         out = _layout(seqs, self.tok.pad_token_id)
         source = [j for j, *_ in seqs]
-        for key, value in take_rows(dict(enc), source).items():
+        # rows in the prompts' order (packed): the processor's own layout, multi-image rows included
+        picked = dict(enc) if source == list(range(len(rows))) else take_rows(dict(enc), source)
+        for key, value in picked.items():
             if key in ("input_ids", "attention_mask") or key in TOKEN_ALIGNED:
                 continue
             if isinstance(value, torch.Tensor) and value.shape == (len(seqs), enc["input_ids"].shape[1]):

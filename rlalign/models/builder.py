@@ -2,7 +2,7 @@
 
 `builtin:tiny-llava` builds the demo model; anything else is a directory or hub id loaded through
 `AutoModelForImageTextToText` + `AutoProcessor` (offline when HF_HUB_OFFLINE=1). Options: dtype,
-gradient checkpointing, a frozen vision tower, LoRA through peft.
+gradient checkpointing, a frozen vision tower, LoRA through peft, dropout off (`model.disable_dropout`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 
 from rlalign.config import RecipeError
 from rlalign.config.schema import DataConfig, ModelConfig
-from rlalign.shapes import ShapesConfig
 from rlalign.models.tiny import build_tiny_llava
+from rlalign.shapes import ShapesConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def load_base(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torch.n
     if cfg.name_or_path == BUILTIN_TINY:
         shapes = ShapesConfig(seed=data.seed if data else 0, image_size=data.image_size if data else 48)
         model, processor = build_tiny_llava(cfg.tiny, shapes)
+        model.set_attn_implementation(cfg.attn_implementation)
         return model.to(DTYPES[cfg.dtype]), processor
     from transformers import AutoModelForImageTextToText
 
@@ -42,7 +43,10 @@ def load_base(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torch.n
     try:
         processor = load_processor(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(
-            cfg.name_or_path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+            cfg.name_or_path,
+            dtype=DTYPES[cfg.dtype],
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
         )
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -95,8 +99,28 @@ def build_policy(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torc
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = get_peft_model(model, lora)
+    if cfg.disable_dropout:
+        log.info("model.disable_dropout: %d dropout probabilities set to 0", disable_dropout(model))
     model.train()
     return model, processor
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Every dropout probability of `model` set to 0 (as TRL's `disable_dropout_in_model`), also those HF
+    attention modules keep as plain floats (`attention_dropout`, `dropout`) and apply functionally in
+    training mode; LoRA dropout is an `nn.Dropout` module. Returns how many were above 0. The reference
+    copy is made from the policy afterwards, so it inherits them."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            changed += module.p > 0
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            value = module.__dict__.get(name)  # plain attributes only, never a submodule
+            if isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
 
 
 class ReferenceModel:
