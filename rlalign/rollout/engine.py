@@ -84,10 +84,19 @@ class RolloutEngine:
         self.cfg, self.reward, self.tok, self.seed = cfg, reward, tokenizer, seed
 
     def __call__(
-        self, model: Any, window: list[dict], *, runtime: Any, group_size: int, with_greedy: bool,
-        advantage: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], old_logp: bool,
-        step: int, reference: Any = None, minibatches: int = 1,
-    ) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
+        self,
+        model: Any,
+        window: list[dict],
+        *,
+        runtime: Any,
+        group_size: int,
+        with_greedy: bool,
+        advantage: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+        old_logp: bool,
+        step: int,
+        reference: Any = None,
+        minibatches: int = 1,
+    ) -> tuple[list[dict], dict[str, float]]:
         started, gathers = time.perf_counter(), runtime.param_gathers
         stats: dict[str, list] = {"reward": [], "adv": [], "length": [], "zero_std": []}
         parts: dict[str, list] = {}
@@ -103,8 +112,12 @@ class RolloutEngine:
                 ]
                 comp = sample_groups(bare, batch, seeds, group_size, self.cfg, self.tok)
                 mask = completion_mask(comp, self.tok.eos_token_id)
-                texts = [t.strip() for t in self.tok.batch_decode(comp * mask + self.tok.pad_token_id * (1 - mask),
-                                                                  skip_special_tokens=True)]  # fmt: skip
+                texts = [
+                    t.strip()
+                    for t in self.tok.batch_decode(
+                        comp * mask + self.tok.pad_token_id * (1 - mask), skip_special_tokens=True
+                    )
+                ]
                 cols = reward_columns(batch, group_size)
                 cols["completion_ids"] = [ids[m.bool()].tolist() for ids, m in zip(comp, mask)]
                 total, terms = self.reward(texts, cols.pop("image_ids"), **cols)
@@ -140,16 +153,27 @@ class RolloutEngine:
                 for mb in buffer:
                     mb["ref_logp"] = completion_logprobs(reference, mb)[0]
         metrics = self._global_stats(runtime, stats, parts)
-        metrics.update({"time/rollout_s": rollout_s, "time/reference_s": time.perf_counter() - started,
-                        "rollout/param_gathers": float(runtime.param_gathers - gathers)})  # fmt: skip
+        metrics.update(
+            {
+                "time/rollout_s": rollout_s,
+                "time/reference_s": time.perf_counter() - started,
+                "rollout/param_gathers": float(runtime.param_gathers - gathers),
+            }
+        )
         return buffer, metrics
 
     @staticmethod
     def _global_stats(runtime: Any, stats: dict[str, list], parts: dict[str, list]) -> dict[str, float]:
         """Means and stds over every rank's samples (sums of x, x^2 and counts all-reduced)."""
         series = {f"reward/{k}": np.concatenate(v) for k, v in parts.items()}
-        series.update({"reward": np.concatenate(stats["reward"]), "advantage": np.concatenate(stats["adv"]),
-                       "gen_length": np.concatenate(stats["length"]), "zero_std_groups": np.concatenate(stats["zero_std"])})  # fmt: skip
+        series.update(
+            {
+                "reward": np.concatenate(stats["reward"]),
+                "advantage": np.concatenate(stats["adv"]),
+                "gen_length": np.concatenate(stats["length"]),
+                "zero_std_groups": np.concatenate(stats["zero_std"]),
+            }
+        )
         if "greedy_reward" in stats:
             series["greedy_reward"] = np.concatenate(stats["greedy_reward"])
         keys = sorted(series)
