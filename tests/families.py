@@ -258,7 +258,9 @@ def save_qwen2_5_vl(path: Path) -> None:
     save_qwen_parts(path, tok)
 
 
-def save_idefics3(path: Path) -> None:
+def save_idefics3(path: Path, split: bool = False) -> None:
+    """Idefics3; `split`: images resized to a longest edge of 64 and cut into 32-pixel crops plus a global
+    view, as the hub's processors do (so a batch's rows hold different numbers of sub-images)."""
     specials = [
         "<|begin_of_text|>",
         "<|end_of_text|>",
@@ -276,7 +278,9 @@ def save_idefics3(path: Path) -> None:
         unk_token="<unk>",
     )
     image_processor = Idefics3ImageProcessorPil(
-        size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, do_image_splitting=False
+        size={"longest_edge": 64 if split else 32},
+        max_image_size={"longest_edge": 32},
+        do_image_splitting=split,
     )
     # image 32, patch 8: 16 patches, pixel-shuffled by scale_factor 2 into 4 image tokens.
     processor = Idefics3Processor(
@@ -312,10 +316,11 @@ def save_idefics3(path: Path) -> None:
     processor.save_pretrained(path)
 
 
-def save_llava_next(path: Path) -> None:
+def save_llava_next(path: Path, pinpoints: list[list[int]] | None = None) -> None:
     """LLaVA-NeXT (1.6): each image is tiled at the best of two grid resolutions, so the two images()
     get different numbers of tiles (pixel_values padded per image, `image_sizes` says the real size)
-    and of image tokens."""
+    and of image tokens. `pinpoints`: other grid resolutions ([[32, 32], [64, 32]] gives a square-ish
+    image one tile besides its base view and a wide one two)."""
     tok = bpe(
         ["<pad>", "<s>", "</s>", "<unk>", "<image>"],
         pad_token="<pad>",
@@ -324,7 +329,7 @@ def save_llava_next(path: Path) -> None:
         unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
     )
-    pinpoints = [[32, 64], [64, 32]]
+    pinpoints = pinpoints or [[32, 64], [64, 32]]
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
     )

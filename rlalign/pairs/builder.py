@@ -49,11 +49,14 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from datasets import Dataset
 
 from rlalign.config.pairs import IndexConfig, PairsConfig
 from rlalign.data.collate import TOKEN_ALIGNED, encode_prompts
+from rlalign.models.vision_inputs import take_rows
 from rlalign.ops import token_logprobs
 from rlalign.pairs.store import (
     DATASET_FILE,
@@ -198,21 +201,16 @@ def response_logprobs(
     for i, r in enumerate(responses):
         ids[i, p : p + len(r)] = torch.tensor(r)
         mask[i, p : p + len(r)] = 1
-    inputs: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
-    if not enc["attention_mask"].bool().all():  # prompts of different lengths: positions skip the padding
+    # image inputs repeated per image whatever the family's layout (patch-major Qwen, tiles, sub-images)
+    inputs: dict[str, torch.Tensor] = take_rows(dict(enc), groups)
+    inputs.update(input_ids=ids, attention_mask=mask)
+    for key in TOKEN_ALIGNED.keys() & inputs.keys():
+        value = inputs[key]
+        inputs[key] = torch.cat([value, torch.full((n, width), TOKEN_ALIGNED[key], dtype=value.dtype)], 1)
+    # prompts of different lengths: 1-D positions skip the padding; M-RoPE families (`mm_token_type_ids`)
+    # compute theirs from the attention mask
+    if not enc["attention_mask"].bool().all() and "mm_token_type_ids" not in inputs:
         inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
-    for key, value in enc.items():
-        if key in ("input_ids", "attention_mask"):
-            continue
-        if key in TOKEN_ALIGNED:
-            value = torch.cat(
-                [value, torch.full((len(images), width), TOKEN_ALIGNED[key], dtype=value.dtype)], 1
-            )
-        if value.shape[0] != len(images):
-            raise NotImplementedError(
-                f"processor output '{key}' is not one row per image; cannot batch refills"
-            )
-        inputs[key] = value[g]
     inputs = to_device(inputs, model.device)
     logp_BT = token_logprobs(model(**inputs).logits[:, p - 1 : -1], inputs["input_ids"][:, p:])
     return (logp_BT * inputs["attention_mask"][:, p:]).sum(dim=1).cpu()
@@ -624,8 +622,9 @@ def _assemble(b: BuildState, out: Path, n_shards: int) -> None:
         stale.unlink(missing_ok=True)
     for s in _shards_to_do(b, range(n_shards)):
         _write_shard(b, s)
-    shards = [Dataset.from_parquet(str(shard_paths(b.shard_dir, s)[0])) for s in range(n_shards)]
-    full = datasets.concatenate_datasets(shards)
+    # pyarrow, not `Dataset.from_parquet`, which refuses a shard where no image gave a pair
+    shards = [pq.read_table(shard_paths(b.shard_dir, s)[0]) for s in range(n_shards)]
+    full = Dataset(pa.concat_tables(shards))
     atomic_write(out / DATASET_FILE, lambda tmp: full.to_parquet(str(tmp)))
     stats = {
         "pool": len(b.pool),

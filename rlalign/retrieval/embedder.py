@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from rlalign.config.pairs import EmbedderConfig
+from rlalign.models.vision_features import pooled_image_features
 from rlalign.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,6 @@ class ImageEmbedder:
         self.embedded += len(images)
         order = sorted(range(len(images)), key=lambda i: images[i].size)
         out = np.empty((len(images), 0), dtype=np.float32)
-        dtype = next(self.tower.parameters()).dtype
         step = self.config.batch_size
         start = 0
         while start < len(order):
@@ -123,13 +123,8 @@ class ImageEmbedder:
             while stop < len(order) and stop - start < step and images[order[stop]].size == size:
                 stop += 1
             chunk = [images[i].convert("RGB") for i in order[start:stop]]
-            pixels = self.image_processor(chunk, return_tensors="pt")["pixel_values"].to(self.device, dtype)
-            hidden = self.tower(pixel_values=pixels)
-            if self.config.pooling == "cls":
-                pooled = hidden.pooler_output
-            else:
-                pooled = hidden.last_hidden_state[:, 1:].mean(dim=1)
-            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+            pooled = pooled_image_features(self.tower, self.image_processor, chunk, self.config.pooling)
+            pooled = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
             if out.shape[1] == 0:
                 out = np.empty((len(images), pooled.shape[1]), dtype=np.float32)
             out[order[start:stop]] = pooled
