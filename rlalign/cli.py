@@ -371,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     pl = sub.add_parser(
-        "plan", help="memory per rank for each backend, before launching (`rlalign plan --help`)", add_help=False
+        "plan",
+        help="memory per rank for each backend, before launching (`rlalign plan --help`)",
+        add_help=False,
     )
     pl.add_argument("rest", nargs=argparse.REMAINDER)
     pl.set_defaults(func=cmd_plan)

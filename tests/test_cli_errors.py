@@ -23,7 +23,6 @@ def rl(*args: str, cwd=None, env=None):
     )
 
 
-
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llava")

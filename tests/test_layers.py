@@ -77,8 +77,10 @@ def upward_imports() -> list[str]:
                 continue
             their_row, their_level = layer_of(target)
             if their_row != row and their_level >= level:
-                bad.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {row} (layer {level}) imports "
-                           f"{target} (layer {their_level})")
+                bad.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line}: {row} (layer {level}) imports "
+                    f"{target} (layer {their_level})"
+                )
     return bad
 
 

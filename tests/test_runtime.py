@@ -37,7 +37,11 @@ if runtime.is_main:
 def fingerprint(tmp_path, name: str, launch: str | None) -> dict:
     script, out = tmp_path / "fingerprint.py", tmp_path / f"{name}.json"
     script.write_text(SCRIPT)
-    cmd = accelerate_cmd(launch, 2, str(script), str(out)) if launch else [sys.executable, str(script), str(out)]
+    cmd = (
+        accelerate_cmd(launch, 2, str(script), str(out))
+        if launch
+        else [sys.executable, str(script), str(out)]
+    )
     run(cmd, timeout=300)
     return json.loads(out.read_text())
 

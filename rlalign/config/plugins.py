@@ -34,7 +34,9 @@ def import_spec(spec: str, *, where: str, search_dirs: Iterable[str | os.PathLik
     try:
         return getattr(importlib.import_module(module), name)
     except ModuleNotFoundError as err:
-        raise RecipeError(f"{where}: module '{err.name}' not found (looked in the working directory too)") from None
+        raise RecipeError(
+            f"{where}: module '{err.name}' not found (looked in the working directory too)"
+        ) from None
     except AttributeError:
         raise RecipeError(f"{where}: module '{module}' has no attribute '{name}'") from None
     except Exception as err:  # the user's module failed while importing: say how, in one line

@@ -183,7 +183,6 @@ class RewardConfig:
     """Weight of this term in the summed reward."""
 
 
-
 @dataclass(kw_only=True)
 class RolloutConfig:
     """How completions are sampled (shared by `scst` and `grpo`)."""

@@ -75,7 +75,9 @@ def preference_data(recipe: Recipe, processor: Any, objective: Any) -> DataBundl
     d = recipe.data
     # flash-attention kernels take no block mask: packed rows need one
     packed = False if recipe.model.attn_implementation == "flash_attention_2" else None
-    collate = PreferenceCollator(processor, d.max_response_tokens, d.max_length, retrieved=retrieved, packed=packed)
+    collate = PreferenceCollator(
+        processor, d.max_response_tokens, d.max_length, retrieved=retrieved, packed=packed
+    )
     return DataBundle(train=train, val=val, collate=collate, val_metric="objective")
 
 
@@ -93,7 +95,9 @@ def check_preferences(recipe: Recipe, objective: type) -> None:
     for where, columns in table_columns(path).items():
         missing = [c for c in need if c not in columns]
         if missing:
-            key = "data.retrieved_images_column" if d.retrieved_images_column in missing else "data.pairs_path"
+            key = (
+                "data.retrieved_images_column" if d.retrieved_images_column in missing else "data.pairs_path"
+            )
             raise RecipeError(
                 f"{key}: {where} has no column {', '.join(repr(m) for m in missing)} needed by objective "
                 f"'{objective.name}' (columns: {', '.join(columns)})"
@@ -134,7 +138,11 @@ def table_columns(path: Path) -> dict[str, list[str]]:
         return {f"{path} split '{s}'": one(path / s) for s in splits}
     if (path / "dataset_info.json").is_file():
         return {str(path): one(path)}
-    return {str(f): one(f) for f in sorted(path.iterdir()) if f.suffix in (".parquet", ".arrow", ".jsonl", ".json")}
+    return {
+        str(f): one(f)
+        for f in sorted(path.iterdir())
+        if f.suffix in (".parquet", ".arrow", ".jsonl", ".json")
+    }
 
 
 DATA_KINDS.register("captions", DataKind(build=caption_data))
