@@ -77,12 +77,13 @@ def test_hub_id_not_in_cache_offline_says_nothing_is_downloaded(tmp_path):
     ("reward", "source", "needles"),
     [
         ("nosuchmod:f", None, ["module 'nosuchmod' not found"]),
-        (
+        pytest.param(
             "myreward:missing",
             "def f(samples, image_ids, **kw):\n    return [0.0] * len(samples)\n",
             ["module 'myreward' has no attribute 'missing'"],
+            marks=pytest.mark.slow,
         ),
-        ("myreward:X", "X = 3\n", ["'X' is not callable"]),
+        pytest.param("myreward:X", "X = 3\n", ["'X' is not callable"], marks=pytest.mark.slow),
         (
             "myreward:f",
             "raise RuntimeError('boom at import')\n",
@@ -141,7 +142,12 @@ def test_lora_targets_that_match_nothing(tmp_path, llava_dir):
     ("recipe", "overrides", "needle"),
     [
         ("test/tiny-dpo.yaml", ["model.reference=none"], "objective 'dpo' scores against a reference"),
-        ("test/tiny-rdpo.yaml", ["model.reference=none"], "objective 'rdpo' scores against a reference"),
+        pytest.param(
+            "test/tiny-rdpo.yaml",
+            ["model.reference=none"],
+            "objective 'rdpo' scores against a reference",
+            marks=pytest.mark.slow,
+        ),
         (
             "test/tiny-grpo.yaml",
             ["model.reference=none", "objective.grpo.beta=0.04"],

@@ -117,8 +117,16 @@ def test_bad_recipes_fail_with_one_line_naming_file_and_key(tmp_path, text, over
             "trainer:\n  output_dir: x\n  max_stpes: 3\n",
             "trainer.max_stpes: unknown key (did you mean 'max_steps'?)",
         ),
-        ("trainer:\n  output_dir: x\n  max_steps: ten\n", "trainer.max_steps: expected int"),
-        ("trainer:\n  output_dir: x\nobjective:\n  name: ppo\n", "objective.name: unknown objective 'ppo'"),
+        pytest.param(
+            "trainer:\n  output_dir: x\n  max_steps: ten\n",
+            "trainer.max_steps: expected int",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "trainer:\n  output_dir: x\nobjective:\n  name: ppo\n",
+            "objective.name: unknown objective 'ppo'",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_cli_exits_2_with_one_line(tmp_path, text, needle):

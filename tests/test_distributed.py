@@ -13,7 +13,7 @@ pytestmark = pytest.mark.distributed
 
 CASES = [
     ("ddp-8gpu.yaml", "ddp", "DistributedDataParallel", False),
-    ("zero2-8gpu.yaml", "zero2", "DeepSpeedEngine", False),
+    pytest.param("zero2-8gpu.yaml", "zero2", "DeepSpeedEngine", False, marks=pytest.mark.slow),
     ("zero3-8gpu.yaml", "zero3", "DeepSpeedEngine", True),
     pytest.param(
         "fsdp2-8gpu.yaml", "fsdp2", "FSDPModule", True, marks=pytest.mark.slow
@@ -44,6 +44,7 @@ def test_two_processes_match_single(tmp_path, single_run, config, engine, model_
         assert 0.05 < m["memory/peak_gb"] < 24
 
 
+@pytest.mark.slow
 def test_simulated_two_nodes_match_two_processes(tmp_path):
     """launch/multinode.sh on two 'nodes' (machine ranks 0 and 1, main process on 127.0.0.1), as the
     SLURM script runs it, trains together and gives the 2-process single-node losses."""

@@ -190,6 +190,7 @@ def test_rollout_advantages_and_reward_statistics_by_hand(tiny_setup):
 GRPO = "recipes/test/tiny-grpo.yaml"
 
 
+@pytest.mark.slow
 def test_minibatches_equal_accumulated_minibatches(tmp_path):
     """`minibatches: 2` on a micro-batch of 4 images (two updates of 2 images each) equals micro-batches of 2
     images x 2 accumulation steps (each update = one rollout micro-batch, accumulated over its 2 parts):

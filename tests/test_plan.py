@@ -14,7 +14,7 @@ from rlalign.recipe import load_recipe
 LORA = ["model.lora.r=4", "model.lora.target_modules=[q_proj, v_proj]", "model.freeze_vision=true"]
 
 
-@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
+@pytest.mark.parametrize("extra", [pytest.param([], marks=pytest.mark.slow), LORA], ids=["full", "lora"])
 def test_plan_equals_what_the_run_measures(tmp_path, extra):
     overrides = [
         "trainer.max_steps=1",
