@@ -30,6 +30,7 @@ def llava_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_missing_model_folder(tmp_path):
     missing = tmp_path / "no-such-model"
     for cmd in ("validate", "train"):

@@ -125,7 +125,12 @@ def non_utf8_parquet(tmp_path: Path) -> Path:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(
-    "make", [non_utf8_jsonl, pytest.param(non_utf8_parquet, marks=pytest.mark.slow)], ids=["jsonl", "parquet"]
+    "make",
+    [
+        pytest.param(non_utf8_jsonl, marks=pytest.mark.slow),
+        pytest.param(non_utf8_parquet, marks=pytest.mark.slow),
+    ],
+    ids=["jsonl", "parquet"],
 )
 def test_non_utf8_text_is_a_bad_row(tmp_path, make):
     path = make(tmp_path)

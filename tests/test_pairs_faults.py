@@ -149,6 +149,7 @@ def test_pool_fingerprint_sees_one_changed_byte_and_caption():
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_restart_with_another_shard_size_is_refused_and_overwrite_starts_over(reference, tmp_path):
     """A run stopped after two shards of 4, restarted with shards of 3: refused in one line, exit 2,
     nothing written or lost; with --overwrite, a fresh build of 11 shards with one row per image."""
