@@ -207,6 +207,10 @@ def _pool_vectors(recipe: Recipe):
     if recipe.pairs.device == "auto":
         embedder.tower.to(runtime.device)
     vectors, report = embed_pool(embedder, Column(load_pool(recipe), "image"), runtime)
+    if recipe.pairs.embedder.center:  # as `rlalign pairs build` indexes them
+        from rlalign.pairs.builder import center
+
+        vectors = center(vectors)
     return embedder, vectors, report, runtime
 
 
@@ -217,7 +221,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     embedder, vectors, report, runtime = _pool_vectors(recipe)
     out = Path(args.out or Path(recipe.pairs.output_dir) / INDEX_DIR)
     if runtime.is_main:
-        index = save_index(index_config(recipe.pairs), vectors, embedder.fingerprint, out)
+        fingerprint = embedder.fingerprint + (":centered" if recipe.pairs.embedder.center else "")
+        index = save_index(index_config(recipe.pairs), vectors, fingerprint, out)
         print(
             f"index: {index.count} images, dim {index.dim}, embedded {report.embedded_images} "
             f"({report.images_per_s:.1f} images/s) in {len(report.embedded_shards)} of {report.shards} "
@@ -318,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     d = sub.add_parser("demo", help="the whole chain on the shapes world, on a CPU, with a report")
     d.add_argument("--out", default="reports/demo")
-    d.add_argument("--seeds", type=int, default=1)
+    d.add_argument(
+        "--seeds", type=int, default=3, help="seeds of each RL / preference stage (mean ± std in the report)"
+    )
     d.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
     d.add_argument("--stages", nargs="+", default=None, help="run only these stages (default: all)")
     d.set_defaults(func=cmd_demo)

@@ -19,16 +19,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rlalign.config.loader import RECIPES_DIR  # noqa: E402
-from rlalign.evaluation.captions import CaptionEval, diversity, evaluate_captioner, load_model  # noqa: E402
+from rlalign.evaluation.captions import (  # noqa: E402
+    CaptionEval,
+    diversity_of,
+    evaluate_captioner,
+    load_model,
+    sample_captions,
+    template_collapse,
+)
 from rlalign.models.builder import build_policy  # noqa: E402
+from rlalign.pairs.builder import response_logprobs  # noqa: E402
 from rlalign.recipe import load_recipe  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -43,6 +53,18 @@ SHOWN = [
     "distinct_2",
     "self_bleu",
 ]
+HALLUCINATION = [
+    "pope_f1/random",
+    "pope_f1/popular",
+    "pope_f1/adversarial",
+    "pope_accuracy",
+    "pope_yes_ratio",
+    "chair_i",
+    "chair_s",
+    "hallucination_rate",
+    "cider_d",
+]
+HACKING = ["top_template_share", "position_free_share", "distinct_1", "distinct_2", "kl_to_xe", "cider_d"]
 
 
 @dataclass
@@ -180,8 +202,8 @@ def _plot_samples(evals: dict[str, CaptionEval], path: Path, n: int = 6) -> None
     plt.close(fig)
 
 
-def _table(rows: dict[str, dict[str, float]], spread: dict[str, dict[str, float]]) -> str:
-    head = "| model | " + " | ".join(SHOWN) + " |\n|---|" + "---|" * len(SHOWN) + "\n"
+def _table(rows: dict[str, dict[str, float]], spread: dict[str, dict[str, float]], keys: list[str]) -> str:
+    head = "| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
 
     def cell(name: str, key: str) -> str:
         value = rows[name].get(key)
@@ -190,17 +212,157 @@ def _table(rows: dict[str, dict[str, float]], spread: dict[str, dict[str, float]
         sd = spread.get(name, {}).get(key)
         return f"{value:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
 
-    return head + "".join(f"| {name} | " + " | ".join(cell(name, k) for k in SHOWN) + " |\n" for name in rows)
+    return head + "".join(f"| {name} | " + " | ".join(cell(name, k) for k in keys) + " |\n" for name in rows)
 
 
-def _evaluate(model_dir: Path, data, limit: int | None) -> dict[str, float]:
+def _pope(model_dir: Path, out: Path, images: int) -> dict[str, float]:
+    """POPE on the shapes world through `rlalign eval pope` (the path real POPE files take)."""
+    from rlalign.evaluation.runner import main_eval
+
+    args = ["pope", str(model_dir), "shapes", "--out", str(out), "--shapes-images", str(images)]
+    main_eval([*args, "--max-new-tokens", "4", "--batch-size", "64"])
+    splits = json.loads((out / "pope.json").read_text())["splits"]
+    metrics = {f"pope_f1/{name}": m["f1"] for name, m in splits.items()}
+    metrics["pope_accuracy"] = float(np.mean([m["accuracy"] for m in splits.values()]))
+    metrics["pope_yes_ratio"] = float(np.mean([m["yes_ratio"] for m in splits.values()]))
+    return metrics
+
+
+def _evaluate(model_dir: Path, data, xe: tuple | None, out: Path, pope_images: int) -> CaptionEval:
+    """Captions (CIDEr-D, grounding, CHAIR), template collapse, diversity and KL to the XE policy of sampled
+    captions, and POPE, of one model folder."""
+    from rlalign.evaluation.chair import chair, shapes_truth, shapes_vocabulary
+
     model, processor = load_model(model_dir)
-    result = evaluate_captioner((model, processor), data, split="test", limit=limit)
-    result.metrics.update(diversity(model, processor, data, limit=min(limit or 50, 50)))
+    result = evaluate_captioner((model, processor), data, split="test")
+    objects = load_split_objects(data)
+    result.metrics.update(
+        chair(result.captions, [shapes_truth(o) for o in objects], shapes_vocabulary()).metrics()
+    )
+    result.metrics.update(template_collapse(result.captions))
+    images, caps = sample_captions(model, processor, data, limit=50, samples=5)
+    result.metrics.update(diversity_of(caps, 5))
+    if xe is not None:
+        result.metrics["kl_to_xe"] = sampled_kl(model, xe[0], processor, images, caps, data.prompt)
+    result.metrics.update(_pope(model_dir, out, pope_images))
     return result
 
 
-def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str] | None = None) -> Path:
+@torch.no_grad()
+def sampled_kl(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    processor: Any,
+    images: list,
+    captions: list[str],
+    prompt: str = "",
+    batch_size: int = 32,
+) -> float:
+    """Monte Carlo KL(policy || reference) in nats per caption: the mean over captions sampled from the
+    policy of log policy(caption) - log reference(caption), each the sum over the caption's tokens (its
+    end token left out) given its image and the prompt."""
+    diffs = []
+    for start in range(0, len(images), batch_size):
+        ims, caps = images[start : start + batch_size], captions[start : start + batch_size]
+        keep = [i for i, c in enumerate(caps) if c.strip()]
+        if not keep:
+            continue
+        ims, caps = [ims[i] for i in keep], [caps[i] for i in keep]
+        groups = list(range(len(ims)))
+        lp = response_logprobs(policy, processor, ims, prompt, caps, groups)
+        lq = response_logprobs(reference, processor, ims, prompt, caps, groups)
+        diffs.append(lp - lq)
+    return float(torch.cat(diffs).mean()) if diffs else 0.0
+
+
+def load_split_objects(data) -> list:
+    from rlalign.data.captions import load_split
+
+    return load_split(data, "test")["objects"]
+
+
+def _plot_reward_kl(rows: dict[str, list[dict[str, float]]], path: Path) -> None:
+    """CIDEr-D of greedy test captions against the sampled KL to the XE policy, one point per run."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, runs in rows.items():
+        pts = [(m["kl_to_xe"], m["cider_d"]) for m in runs if "kl_to_xe" in m]
+        if pts:
+            ax.scatter(*zip(*pts), label=name, s=30)
+    ax.set(xlabel="KL(policy || XE) on sampled captions (nats / caption)", ylabel="test CIDEr-D")
+    ax.set_title("reward vs distance from the XE start (one point per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+CLAIM_KEYS = {
+    "chair_i": "CHAIR-i",
+    "chair_s": "CHAIR-s",
+    "hallucination_rate": "hallucination rate",
+    "pope_f1/random": "POPE F1 random",
+    "pope_f1/popular": "POPE F1 popular",
+    "pope_f1/adversarial": "POPE F1 adversarial",
+    "cider_d": "CIDEr-D",
+}
+
+
+def _claim(rows: dict[str, dict[str, float]], spread: dict[str, dict[str, float]], seeds: int) -> str:
+    """RE-ALIGN's claim (rDPO lowers hallucination and raises POPE F1, against the start and against DPO)
+    read off this run: each figure of rDPO against XE and DPO, called a change only when the gap exceeds
+    twice the larger seed spread of the two."""
+    if not {"rdpo", "dpo", "xe"} <= rows.keys():
+        return ""
+
+    def verdict(a: str, b: str, key: str) -> str:
+        gap = rows[a][key] - rows[b][key]
+        noise = 2 * max(spread.get(a, {}).get(key, 0.0), spread.get(b, {}).get(key, 0.0))
+        if seeds < 2:
+            return f"{gap:+.3f}"
+        word = "within seed noise" if abs(gap) <= noise else ("higher" if gap > 0 else "lower")
+        return f"{gap:+.3f} ({word})"
+
+    lines = [
+        "| figure | xe | dpo | rdpo | rdpo - xe | rdpo - dpo |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label in CLAIM_KEYS.items():
+        cells = [f"{rows[n][key]:.3f}" for n in ("xe", "dpo", "rdpo")]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(cells)
+            + f" | {verdict('rdpo', 'xe', key)} | {verdict('rdpo', 'dpo', key)} |"
+        )
+    note = (
+        f"Differences of means over {seeds} seeds; a difference is called higher / lower only when it exceeds "
+        "twice the larger standard deviation across seeds of the two methods."
+        if seeds > 1
+        else "One seed: no spread to judge the differences by (run with --seeds 3)."
+    )
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def _retrieval_text(stats: dict) -> str:
+    """Whether the embeddings tell images apart, in two sentences."""
+    if not stats:
+        return ""
+    near, other = stats["nearest_similarity"], stats["unrelated_similarity"]
+    text = (
+        f"Retrieval: cosine to the nearest other pool image {near['mean']:.3f} (median {near['p50']:.3f}), to an "
+        f"unrelated one {other['mean']:.3f} (5-95 %: {other['p5']:.2f} to {other['p95']:.2f})."
+    )
+    if "nearest" in stats:
+        n, u = stats["nearest"], stats["unrelated"]
+        text += (
+            f" The nearest image holds an object of the query (same colour and shape) for "
+            f"{n['shares_an_object']:.1%} of images ({u['shares_an_object']:.1%} for an unrelated one), all of "
+            f"its objects for {n['same_objects']:.1%} ({u['same_objects']:.1%})."
+        )
+    return text + "\n"
+
+
+def run_demo(out: Path, *, seeds: int = 3, quick: bool = False, stages: list[str] | None = None) -> Path:
     """Run the stages (all by default; an earlier stage a chosen one needs must have run), evaluate,
     write `out/report.md`; returns its path."""
     names = [s.name for s in STAGES]
@@ -219,13 +381,19 @@ def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str
         ]
         timings[stage.name] = time.perf_counter() - t0
     recipe = load_recipe(RECIPES_DIR / "demo/shapes-xe.yaml", list(QUICK) if quick else [])
-    data, limit = recipe.data, None
-    init_model, init_processor = build_policy(recipe.model, data)
-    init = evaluate_captioner((init_model.eval(), init_processor), data, split="test")
-    evals: dict[str, list[CaptionEval]] = {"init": [init]}
-    for name, dirs in done.items():
+    data = recipe.data
+    init_dir = runs / "init" / "final"
+    if not (init_dir / "config.json").is_file():  # the random start, saved so it is evaluated like the rest
+        init_model, init_processor = build_policy(recipe.model, data)
+        init_model.save_pretrained(init_dir)
+        init_processor.save_pretrained(init_dir)
+    pope_images = 30 if quick else 100
+    xe = load_model(done["xe"][0] / "final") if "xe" in done else None
+    evals: dict[str, list[CaptionEval]] = {}
+    for name, dirs in {"init": [init_dir.parent], **done}.items():
         if name != "pairs":
-            evals[name] = [_evaluate(d / "final", data, limit) for d in dirs]
+            evals[name] = [_evaluate(d / "final", data, xe, out / "eval" / d.name, pope_images) for d in dirs]
+    init = evals["init"][0]
     rows = {
         name: {k: float(np.mean([e.metrics[k] for e in es])) for k in es[0].metrics}
         for name, es in evals.items()
@@ -236,11 +404,10 @@ def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str
         if len(es) > 1
     }
     anchor = "xe" if "xe" in evals else "init"
-    rows["chance"] = {
-        k.removeprefix("chance/"): v for k, v in rows[anchor].items() if k.startswith("chance/")
-    }
+    chance = {k.removeprefix("chance/"): v for k, v in rows[anchor].items() if k.startswith("chance/")}
     report: dict = {
-        "metrics": rows,
+        "metrics": {**rows, "chance": chance},
+        "runs": {name: [e.metrics for e in es] for name, es in evals.items()},
         "spread": spread,
         "seeds": seeds,
         "quick": quick,
@@ -254,11 +421,30 @@ def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str
         f"Stage times: {', '.join(f'{k} {v:.0f} s' if v >= 1 else f'{k} reused' for k, v in timings.items())}"
         f"{' (quick mode)' if quick else ''}.\n",
         "## Test split\n",
-        _table(rows, spread),
+        _table({**rows, "chance": chance}, spread, SHOWN),
         "\n`chance`: each image scored against another image's reference caption (a model that ignores its "
         "input). hallucination_rate: share of mentioned shapes and colours not in the image (lower is better). "
         "distinct_2 / self_bleu: diversity over 5 sampled captions per image (higher / lower is more diverse).\n",
+        "## Hallucination: POPE and CHAIR\n",
+        _table(rows, spread, HALLUCINATION),
+        f"\nPOPE: `rlalign eval pope MODEL shapes` on {pope_images} test images (yes/no questions in POPE's "
+        "template; negatives drawn at random, as the most frequent absent object, and as the object most often "
+        "seen with the one just asked about); F1 per split, accuracy and yes-ratio averaged over the splits. "
+        "CHAIR-i / CHAIR-s: share of mentioned objects / of captions with an object the image lacks, against "
+        "the exact ground truth. The XE start learns the yes/no questions from `data.yes_no_questions`; "
+        "the later stages train on captions only.\n",
+        "## RE-ALIGN's claim on this miniature\n",
+        "RE-ALIGN reports that rDPO lowers hallucination and raises POPE F1 against the start and against DPO.\n",
+        _claim(rows, spread, seeds),
+        "## Reward hacking\n",
+        _table(rows, spread, HACKING),
+        "\ntop_template_share: share of greedy test captions written in the most common template (object "
+        "lists folded); position_free_share: captions naming objects but no position (CIDEr-D's easy "
+        "n-grams); distinct-n over sampled captions; kl_to_xe: KL(policy || XE) estimated on 5 sampled "
+        "captions of each of 50 test images (nats per caption).\n",
+        "![reward vs KL](reward_kl.png)\n",
     ]
+    _plot_reward_kl({name: [e.metrics for e in es] for name, es in evals.items()}, out / "reward_kl.png")
     if "xe" in done:
         hist = _history(done["xe"][0])
         vals = [r["val/loss"] for r in hist if "val/loss" in r]
@@ -286,9 +472,13 @@ def run_demo(out: Path, *, seeds: int = 1, quick: bool = False, stages: list[str
 
         pairs = Dataset.from_parquet(str(done["pairs"][0] / "pairs.parquet"))
         report["pairs"] = pair_stats(pairs)
+        built = json.loads((done["pairs"][0] / "stats.json").read_text())
+        report["retrieval"] = built.get("retrieval", {})
+        report["pairs"]["chosen_from_policy"] = built.get("chosen_from_policy", 0.0)
         render_pairs(pairs, out / "pairs.png", 4)
         md += [
             "## RE-ALIGN pairs\n",
+            _retrieval_text(report["retrieval"]),
             "```\n" + json.dumps(report["pairs"], indent=1) + "\n```\n",
             "![pairs](pairs.png)\n",
         ]

@@ -248,3 +248,35 @@ def make_vqa_item(config: ShapesConfig, split: str, index: int) -> tuple[ShapesI
     item = make_item(config, split, index)
     kind, text, answer = vqa_question(item.objects, _rng(config.seed, f"vqa-{split}", index))
     return item, kind, text, answer
+
+
+# -- yes/no object questions (POPE's template; XE's `data.yes_no_questions`) ---------------------------
+POPE_TEMPLATE = "Is there a {} in the image?"
+OBJECTS = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
+"""Every object of the world: a coloured shape ("red circle"), the unit POPE and CHAIR count."""
+
+
+def pope_question(obj: str) -> str:
+    """POPE's question about `obj`, with "an" before a vowel."""
+    return POPE_TEMPLATE.format(obj) if obj[0] not in "aeiou" else f"Is there an {obj} in the image?"
+
+
+def yes_no_question(objects: list[ShapeObject], rng: random.Random, answer: str) -> tuple[str, str]:
+    """(question, answer) about one object: for `yes` one of the image's objects, for `no` one of the
+    world's objects the image does not hold, each drawn uniformly (POPE's `random` negatives)."""
+    present = sorted({f"{o.color} {o.shape}" for o in objects})
+    if answer == "yes":
+        return pope_question(rng.choice(present)), "yes"
+    if answer != "no":
+        raise ValueError(f"answer must be 'yes' or 'no', got {answer!r}")
+    return pope_question(rng.choice([o for o in OBJECTS if o not in present])), "no"
+
+
+def make_yes_no_item(config: ShapesConfig, split: str, index: int, size: int) -> tuple[ShapesItem, str, str]:
+    """Question `index` about the items 0..size-1 of `split`: item `index % size`, answer `yes` for even
+    indices and `no` for odd ones (as many of each); (item, question, answer), the same every time."""
+    item = make_item(config, split, index % size)
+    question, answer = yes_no_question(
+        item.objects, _rng(config.seed, f"yes-no-{split}", index), "yes" if index % 2 == 0 else "no"
+    )
+    return item, question, answer

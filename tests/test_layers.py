@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "rlalign.plan": 9,
     "rlalign.bench": 9,
     "rlalign.demo": 9,
+    "rlalign.sweep": 9,
     "rlalign.launcher": 9,
     "rlalign.cli": 10,
 }

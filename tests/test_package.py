@@ -112,7 +112,7 @@ def test_init_copies_recipe_its_bases_and_launch_files(installed, tmp_path):
 )
 def test_quick_demo_runs_from_the_installed_package(installed, tmp_path, stages):
     bin_, env = installed
-    sh([str(bin_ / "rlalign"), "demo", "--quick", *stages, "--out", "report"], tmp_path, env)
+    sh([str(bin_ / "rlalign"), "demo", "--quick", "--seeds", "1", *stages, "--out", "report"], tmp_path, env)
     report = (tmp_path / "report" / "report.md").read_text()
     for row in ("init", "xe", "scst", "grpo", "dpo", "rdpo") if not stages else ("init", "xe"):
         assert f"| {row} |" in report, row

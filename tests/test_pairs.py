@@ -143,6 +143,11 @@ def test_pair_stats_exact_on_hand_counted_pairs():
     stats = pair_stats(_hand_pairs())
     assert stats == {
         "pairs": 4,
+        # absent (colour, shape): row 0's blue circle, row 1's red square and green triangle
+        "rejected_absent_object": 2 / 4,
+        "chosen_absent_object": 0.0,
+        # the same objects as the chosen answer, positions aside: rows 2 and 3
+        "rejected_only_positions": 2 / 4,
         "rejected_wrong_object": 3 / 4,
         "chosen_wrong_object": 0.0,
         "rejected_hallucinates": 1 / 4,

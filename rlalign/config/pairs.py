@@ -29,6 +29,10 @@ class EmbedderConfig:
     """Pool images per embedding shard file: the unit of resumption and of work split across processes."""
     cache_dir: str | None = "runs/cache/embeddings"
     """Embedding cache (keyed by image content hash and encoder fingerprint); null turns it off."""
+    center: bool = False
+    """Subtract the pool's mean embedding and L2-normalise again before indexing. Pooled features of a small or
+    barely trained tower share one large common direction (every cosine near 1); removing it lets cosine
+    similarity tell images apart. The cache keeps the raw vectors."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -146,8 +150,10 @@ class PairsConfig:
     """Index name on the service."""
     top_k: int = 5
     """Retrieved images tried per pool image, most similar first (the image itself is excluded)."""
-    chosen: Literal["reference", "greedy"] = "reference"
-    """Chosen answer: the first reference caption, or the policy's greedy caption."""
+    chosen: Literal["reference", "greedy", "verified"] = "reference"
+    """Chosen answer: the first reference caption; the policy's greedy caption; or (`verified`, shapes world)
+    the policy's greedy caption where the ground truth confirms it (it names every object of the image, each
+    with its colour, shape and position, and nothing else), else the first reference."""
     vocabulary: Literal["shapes", "custom"] = "shapes"
     """Maskable words: the shapes world's (shape, colour, position), or `custom_words`."""
     custom_words: dict[str, list[str]] = field(default_factory=dict)

@@ -126,6 +126,10 @@ class DataConfig:
     """Number of shapes test images."""
     prompt: str = ""
     """Text after the image in the prompt (empty for plain captioning)."""
+    yes_no_questions: int = 0
+    """Shapes world, `xe` only: add this many yes/no object questions to the training split, in POPE's template
+    ("Is there a red circle in the image?" -> `yes` / `no`, half each, absent objects drawn at random), so the
+    model can answer `rlalign eval pope`. Validation and the other objectives keep the captions only."""
     max_response_tokens: int = 48
     """Responses are cut to this many tokens; image and prompt tokens are never cut."""
     pairs_path: str | None = None
@@ -161,6 +165,10 @@ class DataConfig:
             raise ValueError("source 'local' needs data.path")
         if self.eval_split is not None and self.eval_split == self.train_split:
             raise ValueError(f"eval_split '{self.eval_split}' is the training split")
+        if self.yes_no_questions < 0:
+            raise ValueError(f"yes_no_questions must be >= 0, got {self.yes_no_questions}")
+        if self.yes_no_questions and self.source != "shapes":
+            raise ValueError(f"yes_no_questions needs data.source 'shapes', got '{self.source}'")
         for name in ("train_size", "val_size", "test_size", "max_response_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

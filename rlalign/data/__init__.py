@@ -41,11 +41,19 @@ DATA_KINDS: Registry[DataKind] = Registry("data kind", "rlalign.data")
 
 def caption_data(recipe: Recipe, processor: Any, objective: Any) -> DataBundle:
     """(image, one reference caption) pairs for XE; validation = token NLL of the references."""
-    from rlalign.data.captions import CaptionPairs, load_rows
-    from rlalign.data.collate import SFTCollator
+    from torch.utils.data import ConcatDataset
 
+    from rlalign.data.captions import CaptionPairs, YesNoQuestions, load_rows
+    from rlalign.data.collate import SFTCollator
+    from rlalign.shapes import ShapesConfig
+
+    d = recipe.data
+    train: Dataset = CaptionPairs(load_rows(d, "train"), d.prompt)
+    if d.yes_no_questions:
+        shapes = ShapesConfig(seed=d.seed, image_size=d.image_size)
+        train = ConcatDataset([train, YesNoQuestions(shapes, "train", d.yes_no_questions, d.train_size)])
     return DataBundle(
-        train=CaptionPairs(load_rows(recipe.data, "train"), recipe.data.prompt),
+        train=train,
         val=CaptionPairs(load_rows(recipe.data, "val"), recipe.data.prompt),
         collate=SFTCollator(processor, recipe.data.max_response_tokens),
         val_metric="loss",

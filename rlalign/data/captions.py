@@ -32,7 +32,7 @@ from rlalign.config import RecipeError
 from rlalign.config.schema import DataConfig
 from rlalign.data.collate import message_text
 from rlalign.data.images import BadRowError, CellError, ImageReader, bad_row, in_column
-from rlalign.shapes import ShapesConfig, make_item, make_vqa_item
+from rlalign.shapes import ShapesConfig, make_item, make_vqa_item, make_yes_no_item
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -373,6 +373,21 @@ class CaptionPairs(TorchDataset):
             "prompt": row_prompt(row, self.prompt),
             "response": row["captions"][j],
         }
+
+
+class YesNoQuestions(TorchDataset):
+    """`size` yes/no object questions about the shapes split's images (`rlalign.shapes.make_yes_no_item`), in the
+    view `CaptionPairs` gives: `image`, `image_id`, `prompt` (the question), `response` (`yes` / `no`)."""
+
+    def __init__(self, config: ShapesConfig, split: str, size: int, images: int):
+        self.config, self.split, self.size, self.images = config, split, size, images
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, k: int) -> dict:
+        item, question, answer = make_yes_no_item(self.config, self.split, k, self.images)
+        return {"image": item.image, "image_id": item.image_id, "prompt": question, "response": answer}
 
 
 def row_prompt(row: dict, default: str) -> str | list[dict]:

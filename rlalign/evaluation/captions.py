@@ -12,6 +12,7 @@ model that ignores its input would reach.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ from rlalign.config.schema import DataConfig
 from rlalign.data.captions import load_split
 from rlalign.data.collate import encode_prompts
 from rlalign.rewards import CiderD, corpus_bleu, normalize, self_bleu
-from rlalign.shapes import COLOR_WORDS, SHAPE_WORDS, mentioned
+from rlalign.shapes import COLOR_WORDS, NUMBER_WORDS, POSITION_PHRASES, SHAPE_WORDS, mentioned
 from rlalign.utils.tensors import to_device
 
 log = logging.getLogger(__name__)
+NUMBER_NAMES = frozenset(NUMBER_WORDS.values())
 
 
 @dataclass
@@ -144,7 +146,7 @@ def evaluate_captioner(
     return CaptionEval(metrics=metrics, captions=captions, image_ids=list(ids), samples=samples)
 
 
-def diversity(
+def sample_captions(
     model: torch.nn.Module,
     processor: Any,
     data: DataConfig,
@@ -153,9 +155,9 @@ def diversity(
     limit: int = 50,
     samples: int = 5,
     temperature: float = 1.0,
-) -> dict[str, float]:
-    """distinct-1/2 (unique n-grams / n-grams over all samples) and mean self-BLEU of `samples` sampled
-    captions per image, on the first `limit` images of `split` (seeded, so reruns agree)."""
+) -> tuple[list, list[str]]:
+    """`samples` sampled captions of each of the first `limit` images of `split` (seeded, so reruns agree):
+    (the images, each repeated `samples` times; the captions)."""
     ds = load_split(data, split)
     ds = ds.select(range(min(limit, len(ds))))
     images = [im for im in ds["image"] for _ in range(samples)]
@@ -170,6 +172,12 @@ def diversity(
             do_sample=True,
             temperature=temperature,
         )
+    return images, caps
+
+
+def diversity_of(caps: list[str], samples: int) -> dict[str, float]:
+    """distinct-1/2 (unique n-grams / n-grams over all captions) and mean self-BLEU within each group of
+    `samples` consecutive captions (the samples of one image)."""
     out = {}
     for n in (1, 2):
         grams = [tuple(w[i : i + n]) for c in caps for w in [c.split()] for i in range(len(w) - n + 1)]
@@ -177,3 +185,49 @@ def diversity(
     groups = [caps[i : i + samples] for i in range(0, len(caps), samples)]
     out["self_bleu"] = float(np.mean([self_bleu(g) for g in groups]))
     return out
+
+
+# -- reward hacking: collapse onto one template, distance from the start --------------------------------
+_POSITION_PATTERN = re.compile(
+    "|".join(
+        re.escape(p)
+        for p in sorted({p for ps in POSITION_PHRASES.values() for p in ps}, key=len, reverse=True)
+    )
+)
+
+
+def caption_template(text: str) -> str:
+    """A caption with its content masked: position phrases -> `<where>`, colours -> `<color>`, shape words ->
+    `<shape>`, number words -> `<n>`; what is left is the grammar template the caption was written in."""
+    text = _POSITION_PATTERN.sub("<where>", " ".join(text.lower().split()))
+    words = []
+    for w in text.split():
+        if w in COLOR_WORDS:
+            w = "<color>"
+        elif w in SHAPE_WORDS:
+            w = "<shape>"
+        elif w in NUMBER_NAMES:
+            w = "<n>"
+        words.append(w)
+    return " ".join(words)
+
+
+def template_collapse(captions: list[str]) -> dict[str, float]:
+    """How far captions collapsed onto one way of saying things (reward hacking of CIDEr-D shows as this):
+    `top_template_share`, the share of the most common `caption_template` once object lists are folded
+    (`<color> <shape> and <color> <shape>` counts as one object list whatever its length), and
+    `position_free_share`, the share of captions that name objects but no position ("an image of a red
+    circle and a blue square": the references' n-grams without their varied position phrases)."""
+    if not captions:
+        return {"top_template_share": 0.0, "position_free_share": 0.0}
+    templates = [caption_template(c) for c in captions]
+    folded = [_fold_objects(t) for t in templates]
+    top = max(folded.count(t) for t in set(folded))
+    free = [("<shape>" in t and "<where>" not in t) for t in templates]
+    return {"top_template_share": top / len(captions), "position_free_share": float(np.mean(free))}
+
+
+def _fold_objects(template: str) -> str:
+    """One `<objects>` for every run of objects (`a <color> <shape> [<where>]` joined by `,` / `and`)."""
+    obj = r"an? <color> <shape>(?: <where>)?"
+    return re.sub(rf"{obj}(?:(?: ,| and) {obj})*", "<objects>", template)

@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlalign.evaluation.pope import SPLITS
-from rlalign.shapes import ShapesConfig, make_item
+from rlalign.shapes import ShapesConfig, make_item, pope_question
 from rlalign.utils.io import atomic_write_text
-
-TEMPLATE = "Is there a {} in the image?"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,8 +111,8 @@ def _rng(cfg: ShapesPopeConfig, index: int) -> random.Random:
 
 
 def question(obj: str) -> str:
-    """POPE's template, with "an" before a vowel."""
-    return TEMPLATE.format(obj) if obj[0] not in "aeiou" else TEMPLATE.replace(" a ", " an ").format(obj)
+    """POPE's template, with "an" before a vowel (the same text XE's yes/no questions train on)."""
+    return pope_question(obj)
 
 
 def question_file(out: Path, strategy: str) -> Path:

@@ -322,6 +322,7 @@ def pair_manifest(recipe: Any, pool: Dataset, embedder: Any, model: torch.nn.Mod
         "pairs.sentence_encoder": cfg.sentence_encoder,
         "pairs.embedder.encoder": cfg.embedder.encoder,
         "pairs.embedder.pooling": cfg.embedder.pooling,
+        "pairs.embedder.center": cfg.embedder.center,
         "pairs.split": cfg.split,
         "pairs.pool_size": cfg.pool_size,
         "model.name_or_path": recipe.model.name_or_path,
@@ -332,7 +333,7 @@ def pair_manifest(recipe: Any, pool: Dataset, embedder: Any, model: torch.nn.Mod
         settings["pairs.custom_words"] = vocabulary(cfg)
     if cfg.sentence_encoder == "tfidf":
         settings["pairs.tfidf_ngrams"] = cfg.tfidf_ngrams
-    if cfg.chosen == "greedy":
+    if cfg.chosen in ("greedy", "verified"):
         settings["data.max_response_tokens"] = data.max_response_tokens
     if data.source == "shapes":
         size_key = f"{cfg.split}_size"
@@ -458,8 +459,74 @@ def _write_shard(b: BuildState, s: int) -> None:
         chosen = generate_captions(
             b.model, b.processor, images, data.prompt, max_new_tokens=data.max_response_tokens
         )
+        if b.cfg.chosen == "verified":
+            chosen = [c if verified(c, b.pool[i]["objects"]) else b.refs[i][0] for c, i in zip(chosen, rows)]
     table = Dataset.from_dict(_shard_rows(rows, chosen, b), features=b.features)
     write_shard(table, b.shard_dir, s, b.digest)
+
+
+def verified(caption: str, objects: list[dict]) -> bool:
+    """The caption names exactly the image's objects: each (colour, shape, position) of the ground truth and
+    nothing else (shapes world)."""
+    from rlalign.shapes import mentioned, mentioned_objects
+
+    truth = {(o["color"], o["shape"], o["position"]) for o in objects}
+    shapes, colors = mentioned(caption)
+    said = mentioned_objects(caption)
+    return (
+        said == truth and shapes == {o["shape"] for o in objects} and colors == {o["color"] for o in objects}
+    )
+
+
+def center(vectors: np.ndarray) -> np.ndarray:
+    """Vectors minus their mean, L2-normalised again (a zero row stays zero)."""
+    out = vectors - vectors.mean(axis=0, keepdims=True)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return (out / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def pool_vectors(
+    cfg: PairsConfig, embedder: ImageEmbedder, images: Any, runtime: Any
+) -> tuple[np.ndarray, str]:
+    """The pool's vectors as the index holds them (centred when `embedder.center`) and their fingerprint (the
+    encoder's, marked when centred, so an index of raw vectors is never read for centred ones)."""
+    vectors, _ = embed_pool(embedder, images, runtime)
+    if cfg.embedder.center:
+        return center(vectors), embedder.fingerprint + ":centered"
+    return vectors, embedder.fingerprint
+
+
+def retrieval_stats(vectors: np.ndarray, search: Search, objects: list[list[dict]] | None) -> dict[str, Any]:
+    """Can the embeddings tell images apart? Cosine of each pool image to its nearest other image and to a
+    fixed other image (image i+N/2: the level of an unrelated pair) as mean and 5/50/95 percentiles; with
+    ground truth, the share of nearest neighbours that hold an object of the query (same colour and shape)
+    or all of its objects, against the same shares for the unrelated image."""
+    n = len(vectors)
+    if n < 2:
+        return {}
+    sims, hits = search(vectors, 1, np.arange(n, dtype=np.int64))
+    top = sims[:, 0].astype(np.float64)
+    other = (np.arange(n) + n // 2) % n
+    unrelated = np.einsum("ij,ij->i", vectors, vectors[other]).astype(np.float64)
+
+    def dist(x: np.ndarray) -> dict[str, float]:
+        p5, p50, p95 = np.percentile(x, [5, 50, 95])
+        return {"mean": float(x.mean()), "p5": float(p5), "p50": float(p50), "p95": float(p95)}
+
+    out: dict[str, Any] = {"nearest_similarity": dist(top), "unrelated_similarity": dist(unrelated)}
+    if objects is not None:
+        sets = [{(o["color"], o["shape"]) for o in objs} for objs in objects]
+
+        def shares(partner: np.ndarray) -> dict[str, float]:
+            pairs = [(sets[i], sets[int(j)]) for i, j in enumerate(partner) if j >= 0]
+            return {
+                "shares_an_object": float(np.mean([bool(a & b) for a, b in pairs])),
+                "same_objects": float(np.mean([a == b for a, b in pairs])),
+            }
+
+        out["nearest"] = shares(hits[:, 0])
+        out["unrelated"] = shares(other)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -517,10 +584,10 @@ def build_index(
 ) -> Any:
     """Embed `images` (sharded over the runtime's ranks, resumable) and save a `VectorIndex` of them from
     rank 0 (ids = pool positions, with the encoder fingerprint); returns it on rank 0, None elsewhere."""
-    vectors, _ = embed_pool(embedder, images, runtime)
+    vectors, fingerprint = pool_vectors(cfg, embedder, images, runtime)
     index = None
     if runtime is None or runtime.is_main:
-        index = save_index(index_config(cfg), vectors, embedder.fingerprint, directory)
+        index = save_index(index_config(cfg), vectors, fingerprint, directory)
     if runtime is not None:
         runtime.barrier()
     return index
@@ -560,7 +627,7 @@ def build_pairs(recipe: Any, overwrite: bool = False) -> Path:
     manifest = pair_manifest(recipe, pool, embedder, model, processor)
     claim_output(out, manifest, overwrite, runtime)
     embedder.tower.to(device)
-    vectors, _ = embed_pool(embedder, Column(pool, "image"), runtime)
+    vectors, fingerprint = pool_vectors(cfg, embedder, Column(pool, "image"), runtime)
     model.to(device)
     refs = [c if isinstance(c, list) else [c] for c in pool["captions"]]
     b = BuildState(
@@ -572,7 +639,7 @@ def build_pairs(recipe: Any, overwrite: bool = False) -> Path:
         ids=pool["image_id"],
         embedder=embedder,
         vectors=vectors,
-        search=_retriever(cfg, out, vectors, embedder.fingerprint, runtime),
+        search=_retriever(cfg, out, vectors, fingerprint, runtime),
         model=model,
         processor=processor,
         sentences=_sentences(cfg, refs),
@@ -634,6 +701,14 @@ def _assemble(b: BuildState, out: Path, n_shards: int) -> None:
         "encoder_fingerprint": b.embedder.fingerprint,
         "embedded_this_run": b.embedder.embedded,
         "mean_tries": float(np.mean(full["tries"])) if len(full) else 0.0,
+        "retrieval": retrieval_stats(
+            b.vectors, b.search, b.pool["objects"] if "objects" in b.pool.column_names else None
+        ),
     }
+    if b.cfg.chosen != "reference" and len(full):
+        refs = {i: r[0] for i, r in zip(b.ids, b.refs)}
+        stats["chosen_from_policy"] = float(
+            np.mean([c != refs[i] for c, i in zip(full["chosen"], full["image_id"])])
+        )
     atomic_write(out / STATS_FILE, lambda tmp: tmp.write_text(json.dumps(stats, indent=2) + "\n"))
     log.info("pairs: %d of %d images gave a pair -> %s", len(full), len(b.pool), out / DATASET_FILE)

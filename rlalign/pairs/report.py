@@ -21,9 +21,10 @@ def _truth(row: dict) -> list[dict]:
 
 
 def pair_stats(dataset: Any) -> dict[str, float]:
-    """How often the rejected answer names a shape or colour that is not in the image, or an object
-    that is not there or not where it says (`wrong_object`; it should, mostly), against the chosen
-    one, plus the similarities the builder recorded."""
+    """How often the rejected answer names a shape or colour that is not in the image, an object (colour and
+    shape) that is not there (`absent_object`, the hallucinations RE-ALIGN's rejected answers carry), or one
+    that is not there or not where it says (`wrong_object`), against the chosen one; how often it differs
+    from the chosen one in positions only (`rejected_only_positions`); the similarities the builder recorded."""
     cols = [
         c
         for c in ("chosen", "rejected", "objects", "similarity", "text_similarity", "tries")
@@ -47,8 +48,21 @@ def pair_stats(dataset: Any) -> dict[str, float]:
             for c, s, p in mentioned_objects(text)
         )
 
+    def absent_object(text: str, objs: list[dict]) -> bool:
+        """Names a (colour, shape) the image does not hold: an object hallucination, as the paper's are."""
+        have = {(o["color"], o["shape"]) for o in objs}
+        return any((c, s) not in have for c, s, _ in mentioned_objects(text))
+
+    def only_positions(rejected: str, chosen: str) -> bool:
+        """The same (colour, shape) objects as the chosen answer: the two differ in positions at most."""
+        objects = sorted((c, s) for c, s, _ in mentioned_objects(rejected))
+        return objects == sorted((c, s) for c, s, _ in mentioned_objects(chosen))
+
     rejected, chosen = [r["rejected"] for r in rows], [r["chosen"] for r in rows]
     return {
+        "rejected_absent_object": float(np.mean([absent_object(t, o) for t, o in zip(rejected, truth)])),
+        "chosen_absent_object": float(np.mean([absent_object(t, o) for t, o in zip(chosen, truth)])),
+        "rejected_only_positions": float(np.mean([only_positions(r, c) for r, c in zip(rejected, chosen)])),
         "pairs": len(rows),
         "rejected_wrong_object": float(np.mean([wrong_object(t, o) for t, o in zip(rejected, truth)])),
         "chosen_wrong_object": float(np.mean([wrong_object(t, o) for t, o in zip(chosen, truth)])),
