@@ -29,6 +29,8 @@ from rlalign.config.schema import DistributedConfig
 
 log = logging.getLogger(__name__)
 
+SHARDED_DIR = "sharded"
+"""Checkpoint subfolder of a sharded (torch.distributed.checkpoint) model + optimizer state."""
 _FSDP_ENV = [k for k in os.environ if k.startswith("FSDP_")] + ["ACCELERATE_USE_FSDP"]
 
 
@@ -357,6 +359,54 @@ class Runtime:
         if self.is_main:
             torch.save(state, folder / "optimizer.pt")
 
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Checkpoints are written by every rank as shards (`save_sharded`), the model never gathered."""
+        return self.backend == "fsdp2" and self.cfg.fsdp_checkpoint == "sharded"
+
+    def save_sharded(
+        self, model: torch.nn.Module, optimizer: Any, folder: Path, *, trainable_only: bool = False
+    ) -> None:
+        """Model and optimizer state into `folder` with torch.distributed.checkpoint: each rank writes the
+        shards it holds (`__<rank>_0.distcp`) and rank 0 the metadata; nothing is gathered. Every rank calls it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        if trainable_only:
+            keep = self.trainable_names(model)
+            model_sd = {k: v for k, v in model_sd.items() if k in keep}
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(folder))
+
+    def _load_sharded(
+        self, model: torch.nn.Module, optimizer: Any, folder: Path, *, trainable_only: bool
+    ) -> None:
+        """The counterpart of `save_sharded`, resharded onto this run's ranks (any number, any sharding but
+        DeepSpeed's)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)  # initialises the optimizer state to fill
+        if trainable_only:
+            keep = self.trainable_names(model)
+            model_sd = {k: v for k, v in model_sd.items() if k in keep}
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load({"model": model_sd}, checkpoint_id=str(folder))  # every weight must be there
+        # parameters that never got a gradient (e.g. an unused final norm) have no saved AdamW state: theirs
+        # stays as initialised, and AdamW skips them as before
+        dcp.load(
+            {"optimizer": optim_sd},
+            checkpoint_id=str(folder),
+            planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+        )
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(strict=not trainable_only),
+        )
+
     def load_training_state(
         self, model: torch.nn.Module, optimizer: Any, folder: Path, *, trainable_only: bool = False
     ) -> None:
@@ -367,6 +417,9 @@ class Runtime:
             model.load_checkpoint(
                 str(folder / "deepspeed"), tag="state", load_module_strict=not trainable_only
             )
+            return
+        if (folder / SHARDED_DIR).is_dir():
+            self._load_sharded(model, optimizer, folder / SHARDED_DIR, trainable_only=trainable_only)
             return
         from safetensors.torch import load_file
 

@@ -55,7 +55,9 @@ def score(model_dir: Path, data: DataConfig, out: Path, pope_images: int) -> dic
     questions = out / "pope-val"
     if not question_file(questions, "adversarial").is_file():
         write_shapes_pope(questions, ShapesPopeConfig(split="val", images=pope_images), ["adversarial"])
-    pope_out = out / "eval" / model_dir.parent.name / model_dir.name
+    runs = out / "runs"
+    where = model_dir.relative_to(runs) if model_dir.is_relative_to(runs) else Path(model_dir.parent.name)
+    pope_out = out / "eval" / where
     main_eval(
         [
             "pope",

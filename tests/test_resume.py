@@ -159,7 +159,7 @@ def test_sigkill_resume_is_bitwise_single_process(tmp_path):
     [
         pytest.param("ddp-8gpu.yaml", "optimizer.pt", marks=pytest.mark.slow),
         ("zero3-8gpu.yaml", "deepspeed/state/*rank_1*optim_states.pt"),
-        pytest.param("fsdp2-8gpu.yaml", "model.safetensors", marks=pytest.mark.slow),
+        pytest.param("fsdp2-8gpu.yaml", "sharded/__1_0.distcp", marks=pytest.mark.slow),
         pytest.param("zero2-8gpu.yaml", "rng/rank-1.safetensors", marks=pytest.mark.slow),
     ],
     ids=["ddp", "zero3", "fsdp2", "zero2"],

@@ -318,6 +318,10 @@ class DistributedConfig:
     """DDP: tolerate parameters without gradient (VLMs often skip the vision tower's last layer or norm)."""
     fsdp_reshard_after_forward: bool = True
     """FSDP2: free the gathered parameters after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
+    fsdp_checkpoint: Literal["sharded", "full"] = "sharded"
+    """FSDP2 checkpoints: `sharded` (torch.distributed.checkpoint: every rank writes its own shards of the model
+    and optimizer, nothing is gathered; resumes on any number of ranks) or `full` (model and optimizer
+    gathered on rank 0 into `model.safetensors` / `optimizer.pt`). The final export is always full."""
 
 
 @dataclass(kw_only=True)

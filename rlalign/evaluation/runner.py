@@ -68,10 +68,18 @@ def load_eval_model(path: str, dtype: str = "float32") -> tuple[torch.nn.Module,
 
         from rlalign.config import read_recipe as load_recipe
         from rlalign.models.builder import build_policy
+        from rlalign.runtime import SHARDED_DIR
 
         recipe = load_recipe(folder / "recipe.yaml")
         model, processor = build_policy(recipe.model, recipe.data)
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        if (folder / SHARDED_DIR).is_dir():  # an FSDP2 run's shards, read whole into this one process
+            import torch.distributed.checkpoint as dcp
+
+            state = {"model": model.state_dict()}
+            dcp.load(state, checkpoint_id=str(folder / SHARDED_DIR), no_dist=True)
+            model.load_state_dict(state["model"])
+        else:
+            model.load_state_dict(load_file(str(folder / "model.safetensors")))
         if recipe.model.lora is not None:
             model = model.merge_and_unload()
         return model.eval(), processor

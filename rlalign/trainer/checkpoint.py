@@ -5,7 +5,9 @@ only after every rank has finished writing and the `COMPLETE` marker is in place
 moment leaves either the previous checkpoints or a `.tmp` folder that resume ignores and removes.
 
 Contents: model weights (safetensors, full state dict), optimizer state (torch.save of tensors and
-numbers, read back with `weights_only=True`; under DeepSpeed, DeepSpeed's own per-rank shards),
+numbers, read back with `weights_only=True`; under DeepSpeed, DeepSpeed's own per-rank shards; under
+FSDP2 by default both as torch.distributed.checkpoint shards in `sharded/`, each rank writing its own,
+nothing gathered: `distributed.fsdp_checkpoint`),
 scheduler and trainer state (JSON), every rank's RNG states (JSON + safetensors) and the resolved
 recipe. Resume restores all of it, and the data position is the step itself (the sampler is a
 pure function of the step).
@@ -33,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlalign.config import Recipe, RecipeError, dump_recipe, recipe_to_dict
-from rlalign.runtime import Runtime
+from rlalign.runtime import SHARDED_DIR, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -224,18 +226,23 @@ class Checkpointer:
             (tmp / "rng").mkdir(parents=True)
         rt.barrier()
         adapter_only = self.recipe is not None and self.recipe.model.lora is not None
-        model_sd = rt.model_state(model, trainable_only=adapter_only)
+        sharded = rt.sharded_checkpoints
+        model_sd = {} if sharded else rt.model_state(model, trainable_only=adapter_only)
         base = (
             {"name_or_path": self.recipe.model.name_or_path, **rt.frozen_fingerprint(model)}
             if adapter_only
             else None
         )
-        rt.save_optimizer(model, optimizer, tmp, trainable_only=adapter_only)
+        if sharded:  # every rank writes its own shards: nothing gathered
+            rt.save_sharded(model, optimizer, tmp / SHARDED_DIR, trainable_only=adapter_only)
+        else:
+            rt.save_optimizer(model, optimizer, tmp, trainable_only=adapter_only)
         meta, tensors = _rng_state()
         (tmp / "rng" / f"rank-{rt.rank}.json").write_text(json.dumps(meta))
         save_tensors(tensors, tmp / "rng" / f"rank-{rt.rank}.safetensors")
         if rt.is_main:
-            save_tensors(model_sd, tmp / "model.safetensors")
+            if not sharded:
+                save_tensors(model_sd, tmp / "model.safetensors")
             if base is not None:  # adapter-only: the frozen base is referenced, not copied
                 (tmp / BASE).write_text(json.dumps(base, indent=1))
             (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
