@@ -2,9 +2,11 @@
 
 XE warm start from a random tiny Llava -> SCST and GRPO from the XE checkpoint -> RE-ALIGN pairs
 built with the XE policy -> DPO and rDPO from the XE checkpoint on those pairs. Every stage runs as
-an `rlalign` subprocess, exactly as a user would run it; then every model is evaluated on the test
-split. The report folder holds report.md (tables, plots, samples), report.json (every figure) and
-the run folders. XE and the pairs run once; the RL and preference stages once per seed. A stage
+an `rlalign` subprocess, exactly as a user would run it; then every model (the random init too, saved
+under runs/init) is evaluated on the test split: captions (CIDEr-D, grounding, CHAIR), POPE through
+`rlalign eval pope`, template collapse and the sampled KL to the XE policy. The report folder holds
+report.md (tables, plots, samples), report.json (every figure) and the run folders. XE and the pairs run
+once; the RL and preference stages once per seed (3 by default). A stage
 whose run folder already holds its result (`final/`, `pairs.parquet`) is reused, so a demo that
 stopped part-way continues where it stopped.
 """
