@@ -143,3 +143,26 @@ def test_tracking_disabled_writes_nothing(tmp_path):
     run([str(BIN / "rlalign"), "train", TINY, f"trainer.output_dir={out}", "tracking.backend=none"], env=env)
     assert not (out / "wandb").exists()
     assert not list(Path(tmp_path).rglob("*.wandb"))
+
+
+def test_padding_share_is_the_share_of_padded_token_slots(single_run):
+    """`padding_share` of each step equals 1 - real tokens / token slots of the batches that step saw,
+    recomputed here from the same data order (tiny recipe, one process, batch 4, 5 steps)."""
+    from rlalign.config import read_recipe
+    from rlalign.data import build_data
+    from rlalign.models.builder import build_policy
+    from rlalign.objectives import build_objective
+    from rlalign.trainer.data import step_loader
+
+    recipe = read_recipe(TINY, ["trainer.per_device_batch_size=4"])
+    _, processor = build_policy(recipe.model, recipe.data)
+    objective = build_objective(recipe, processor)
+    data = build_data(objective.data_kind, recipe, processor, objective)
+    t = recipe.trainer
+    loader = step_loader(
+        data.train, data.collate, micro=4, world=1, rank=0, accum=1, seed=t.seed, start_step=0, end_step=5
+    )
+    want = [1 - float(b["attention_mask"].sum()) / b["input_ids"].numel() for b in loader]
+    got = [m["padding_share"] for m in metrics(single_run)]
+    assert len(got) == 5 and got == pytest.approx(want, abs=1e-12)
+    assert max(got) > 0.01  # references of different lengths: some padding

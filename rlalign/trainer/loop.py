@@ -91,7 +91,7 @@ def optimizer_update(
     counts = torch.tensor([sum(objective.count_items(b) for b in window)], dtype=torch.float64)
     items_per_micro = float(runtime.all_reduce(counts)) / (len(window) * runtime.world_size)
     sums: dict[str, float] = {}
-    tokens = samples = skipped = 0
+    tokens = padded = samples = skipped = 0
     loss_finite = True
     grad_norm, lr = float("nan"), ctx.scheduler.get_last_lr()[0]
     for batch in window:
@@ -115,13 +115,16 @@ def optimizer_update(
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         tokens += int(batch["attention_mask"].sum())
+        padded += batch["input_ids"].numel()
         samples += batch["input_ids"].shape[0]
     keys = sorted(sums)
     totals = runtime.all_reduce(
-        torch.tensor([sums[k] for k in keys] + [tokens, samples], dtype=torch.float64)
+        torch.tensor([sums[k] for k in keys] + [tokens, padded, samples], dtype=torch.float64)
     )
     out = {k: float(totals[i]) / (len(window) * runtime.world_size) for i, k in enumerate(keys)}
-    out.update(grad_norm=grad_norm, lr=lr, tokens=float(totals[-2]), samples=float(totals[-1]))
+    out.update(grad_norm=grad_norm, lr=lr, tokens=float(totals[-3]), samples=float(totals[-1]))
+    # share of the batch's token slots that are padding (all ranks): what a token budget would save
+    out["padding_share"] = 1.0 - float(totals[-3]) / max(float(totals[-2]), 1.0)
     if skipped:
         out["skipped_updates"] = float(skipped)
     return out
