@@ -1,5 +1,5 @@
 """The demo's XE stage through the real CLI: it writes its report and measurably learns (slow: the full XE
-recipe, ~3-4 min on one core).
+recipe, ~3 min on one core).
 
 Thresholds were measured on the demo recipe (figures below) and set with a margin: val loss falls, greedy
 captions of held-out images name the right shapes and colours far more often than chance (another image's
@@ -25,17 +25,17 @@ def test_demo_xe_learns_and_reports(tmp_path):
     m, chance, init = report["metrics"]["xe"], report["metrics"]["chance"], report["metrics"]["init"]
     val = report["val_loss"]["xe"]
     assert val["last"] < val["first"] - 0.15, val
-    # measured (seed 0, 5000 steps, 8000 yes/no questions), with 1 thread (as here) and with 2: val loss
-    # 0.927 -> 0.743 / 0.950 -> 0.737; hallucination 0.218 / 0.152 vs chance 0.620; CIDEr-D 2.084 / 2.215 vs
-    # 0.006 at init; POPE accuracy 0.845 / 0.849 vs 0.5, adversarial F1 0.845 / 0.845 vs 0.667 at init (it
-    # answers yes to everything). Shape precision 0.475 / 0.665 (chance 0.432) and object precision 0.316 /
-    # 0.542 (chance 0.093) depend on the thread count more than a threshold can hold: only the object
-    # precision, well above chance in both, is asserted.
-    assert m["hallucination_rate"] < chance["hallucination_rate"] - 0.3, (m, chance)
-    assert m["object_precision"] > chance["object_precision"] + 0.15, (m, chance)
-    assert m["cider_d"] > init["cider_d"] + 1.5, (m, init)
-    assert m["pope_accuracy"] > 0.75, (m, init)
-    assert m["pope_f1/adversarial"] > init["pope_f1/adversarial"] + 0.1, (m, init)
+    # measured (seed 0, 2500 steps of 32, 8000 yes/no questions), with 1 thread (as here) / with 2: shape
+    # precision 0.947 / 0.958 vs chance 0.432, object precision 0.918 / 0.949 vs 0.093, hallucination 0.025 /
+    # 0.020 vs 0.620, CIDEr-D 3.15 / 3.22 vs 0.006 at init; POPE F1 random 0.834 / 0.824 and adversarial
+    # 0.793 / 0.752 vs 0.667 at init (it answers yes to everything)
+    assert m["shape_precision"] > chance["shape_precision"] + 0.4, (m, chance)
+    assert m["object_precision"] > chance["object_precision"] + 0.7, (m, chance)
+    assert m["hallucination_rate"] < 0.1, (m, chance)
+    assert m["cider_d"] > init["cider_d"] + 2.5, (m, init)
+    assert m["pope_f1/random"] > init["pope_f1/random"] + 0.1, (m, init)
+    assert m["pope_f1/adversarial"] > init["pope_f1/adversarial"] + 0.04, (m, init)
+    assert m["pope_accuracy"] > 0.72, (m, init)
     md = (out / "report.md").read_text()
     assert "| xe |" in md and "| chance |" in md and "learning_curve.png" in md
     assert "## Hallucination: POPE and CHAIR" in md and (out / "reward_kl.png").is_file()
