@@ -207,21 +207,17 @@ def _pool_vectors(recipe: Recipe):
     if recipe.pairs.device == "auto":
         embedder.tower.to(runtime.device)
     vectors, report = embed_pool(embedder, Column(load_pool(recipe), "image"), runtime)
-    if recipe.pairs.embedder.center:  # as `rlalign pairs build` indexes them
-        from rlalign.pairs.builder import center
-
-        vectors = center(vectors)
     return embedder, vectors, report, runtime
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from rlalign.pairs.builder import INDEX_DIR, index_config, save_index
+    from rlalign.pairs.builder import INDEX_DIR, index_config, indexed_vectors, save_index
 
     recipe = load_recipe(args.recipe, args.overrides)
     embedder, vectors, report, runtime = _pool_vectors(recipe)
+    vectors, fingerprint = indexed_vectors(recipe.pairs, vectors, embedder.fingerprint)  # as `pairs build`
     out = Path(args.out or Path(recipe.pairs.output_dir) / INDEX_DIR)
     if runtime.is_main:
-        fingerprint = embedder.fingerprint + (":centered" if recipe.pairs.embedder.center else "")
         index = save_index(index_config(recipe.pairs), vectors, fingerprint, out)
         print(
             f"index: {index.count} images, dim {index.dim}, embedded {report.embedded_images} "
@@ -233,11 +229,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_tune(args: argparse.Namespace) -> int:
-    from rlalign.pairs.builder import INDEX_DIR
+    from rlalign.pairs.builder import INDEX_DIR, indexed_vectors
     from rlalign.retrieval.tune import tune, write_report
 
     recipe = load_recipe(args.recipe, args.overrides)
-    _, vectors, _, runtime = _pool_vectors(recipe)
+    embedder, vectors, _, runtime = _pool_vectors(recipe)
+    vectors, _ = indexed_vectors(recipe.pairs, vectors, embedder.fingerprint)  # tuned on what is indexed
     if not runtime.is_main:
         return 0
     out = Path(args.out or Path(recipe.pairs.output_dir) / INDEX_DIR)

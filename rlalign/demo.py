@@ -31,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rlalign.config.loader import RECIPES_DIR  # noqa: E402
+from rlalign.data.captions import load_split  # noqa: E402
 from rlalign.evaluation.captions import (  # noqa: E402
     CaptionEval,
     diversity_of,
@@ -39,6 +40,8 @@ from rlalign.evaluation.captions import (  # noqa: E402
     sample_captions,
     template_collapse,
 )
+from rlalign.evaluation.chair import shapes_chair  # noqa: E402
+from rlalign.evaluation.runner import pope_figures  # noqa: E402
 from rlalign.models.builder import build_policy  # noqa: E402
 from rlalign.pairs.builder import response_logprobs  # noqa: E402
 from rlalign.recipe import load_recipe  # noqa: E402
@@ -217,36 +220,20 @@ def _table(rows: dict[str, dict[str, float]], spread: dict[str, dict[str, float]
     return head + "".join(f"| {name} | " + " | ".join(cell(name, k) for k in keys) + " |\n" for name in rows)
 
 
-def _pope(model_dir: Path, out: Path, images: int) -> dict[str, float]:
-    """POPE on the shapes world through `rlalign eval pope` (the path real POPE files take)."""
-    from rlalign.evaluation.runner import main_eval
-
-    args = ["pope", str(model_dir), "shapes", "--out", str(out), "--shapes-images", str(images)]
-    main_eval([*args, "--max-new-tokens", "4", "--batch-size", "64"])
-    splits = json.loads((out / "pope.json").read_text())["splits"]
-    metrics = {f"pope_f1/{name}": m["f1"] for name, m in splits.items()}
-    metrics["pope_accuracy"] = float(np.mean([m["accuracy"] for m in splits.values()]))
-    metrics["pope_yes_ratio"] = float(np.mean([m["yes_ratio"] for m in splits.values()]))
-    return metrics
-
-
-def _evaluate(model_dir: Path, data, xe: tuple | None, out: Path, pope_images: int) -> CaptionEval:
-    """Captions (CIDEr-D, grounding, CHAIR), template collapse, diversity and KL to the XE policy of sampled
-    captions, and POPE, of one model folder."""
-    from rlalign.evaluation.chair import chair, shapes_truth, shapes_vocabulary
-
+def _evaluate(
+    model_dir: Path, data, objects: list, xe: tuple | None, out: Path, pope_images: int
+) -> CaptionEval:
+    """Captions (CIDEr-D, grounding, CHAIR against `objects`, the test split's ground truth), template collapse,
+    diversity and KL to the XE policy of sampled captions, and POPE, of one model folder."""
     model, processor = load_model(model_dir)
     result = evaluate_captioner((model, processor), data, split="test")
-    objects = load_split_objects(data)
-    result.metrics.update(
-        chair(result.captions, [shapes_truth(o) for o in objects], shapes_vocabulary()).metrics()
-    )
+    result.metrics.update(shapes_chair(result.captions, objects).metrics())
     result.metrics.update(template_collapse(result.captions))
     images, caps = sample_captions(model, processor, data, limit=50, samples=5)
     result.metrics.update(diversity_of(caps, 5))
     if xe is not None:
         result.metrics["kl_to_xe"] = sampled_kl(model, xe[0], processor, images, caps, data.prompt)
-    result.metrics.update(_pope(model_dir, out, pope_images))
+    result.metrics.update(pope_figures(model_dir, ["shapes"], out, ("--shapes-images", str(pope_images))))
     return result
 
 
@@ -275,12 +262,6 @@ def sampled_kl(
         lq = response_logprobs(reference, processor, ims, prompt, caps, groups)
         diffs.append(lp - lq)
     return float(torch.cat(diffs).mean()) if diffs else 0.0
-
-
-def load_split_objects(data) -> list:
-    from rlalign.data.captions import load_split
-
-    return load_split(data, "test")["objects"]
 
 
 def _plot_reward_kl(rows: dict[str, list[dict[str, float]]], path: Path) -> None:
@@ -394,10 +375,13 @@ def run_demo(out: Path, *, seeds: int = 3, quick: bool = False, stages: list[str
         init_processor.save_pretrained(init_dir)
     pope_images = 30 if quick else 100
     xe = load_model(done["xe"][0] / "final") if "xe" in done else None
+    objects = load_split(data, "test")["objects"]
     evals: dict[str, list[CaptionEval]] = {}
     for name, dirs in {"init": [init_dir.parent], **done}.items():
         if name != "pairs":
-            evals[name] = [_evaluate(d / "final", data, xe, out / "eval" / d.name, pope_images) for d in dirs]
+            evals[name] = [
+                _evaluate(d / "final", data, objects, xe, out / "eval" / d.name, pope_images) for d in dirs
+            ]
     init = evals["init"][0]
     rows = {
         name: {k: float(np.mean([e.metrics[k] for e in es])) for k in es[0].metrics}

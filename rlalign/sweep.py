@@ -36,42 +36,27 @@ KEYS = ["chair_i", "chair_s", "hallucination_rate", "cider_d", "pope_f1/adversar
 
 def score(model_dir: Path, data: DataConfig, out: Path, pope_images: int) -> dict[str, float]:
     """Validation figures of one model folder or training checkpoint."""
-    from rlalign.evaluation.captions import evaluate_captioner, grounding
-    from rlalign.evaluation.chair import chair, shapes_truth, shapes_vocabulary
-    from rlalign.evaluation.runner import load_eval_model
+    from rlalign.data.captions import load_split
+    from rlalign.evaluation.captions import evaluate_captioner
+    from rlalign.evaluation.chair import shapes_chair
+    from rlalign.evaluation.runner import load_eval_model, pope_figures
     from rlalign.evaluation.shapes_pope import ShapesPopeConfig, question_file, write_shapes_pope
 
     model, processor = load_eval_model(str(model_dir))
     result = evaluate_captioner((model, processor), data, split="val")
-    from rlalign.data.captions import load_split
-
-    objects = load_split(data, "val")["objects"]
-    m = {k: result.metrics[k] for k in ("cider_d", "hallucination_rate")}
-    m.update({k: v for k, v in grounding(result.captions, objects).items() if k == "object_precision"})
-    res = chair(result.captions, [shapes_truth(o) for o in objects], shapes_vocabulary())
+    m = {k: result.metrics[k] for k in ("cider_d", "hallucination_rate", "object_precision")}
+    res = shapes_chair(result.captions, load_split(data, "val")["objects"])
     m.update(chair_i=res.chair_i, chair_s=res.chair_s)
-    from rlalign.evaluation.runner import main_eval
-
-    questions = out / "pope-val"
-    if not question_file(questions, "adversarial").is_file():
-        write_shapes_pope(questions, ShapesPopeConfig(split="val", images=pope_images), ["adversarial"])
+    questions = question_file(out / "pope-val", "adversarial")
+    if not questions.is_file():
+        write_shapes_pope(
+            questions.parent, ShapesPopeConfig(split="val", images=pope_images), ["adversarial"]
+        )
     runs = out / "runs"
     where = model_dir.relative_to(runs) if model_dir.is_relative_to(runs) else Path(model_dir.parent.name)
-    pope_out = out / "eval" / where
-    main_eval(
-        [
-            "pope",
-            str(model_dir),
-            str(question_file(questions, "adversarial")),
-            "--out",
-            str(pope_out),
-            "--max-new-tokens",
-            "4",
-            "--batch-size",
-            "64",
-        ]
-    )
-    m["pope_f1/adversarial"] = json.loads((pope_out / "pope.json").read_text())["splits"]["adversarial"]["f1"]
+    m["pope_f1/adversarial"] = pope_figures(model_dir, [str(questions)], out / "eval" / where)[
+        "pope_f1/adversarial"
+    ]
     return m
 
 

@@ -169,3 +169,8 @@ def chair(captions: Sequence[str], truths: Sequence[set[str]], vocab: ObjectVoca
         hallucinated_captions=bad_captions,
         per_caption=per_caption,
     )
+
+
+def shapes_chair(captions: Sequence[str], objects: Sequence[Sequence[dict]]) -> ChairResult:
+    """CHAIR of captions of shapes images against each image's exact ground truth (its `objects`)."""
+    return chair(captions, [shapes_truth(o) for o in objects], shapes_vocabulary())

@@ -305,6 +305,32 @@ def run_pope(args: argparse.Namespace) -> dict:
     return result
 
 
+def pope_figures(
+    model_dir: str | Path, data: list[str], out: Path, extra: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """POPE of a model through `rlalign eval pope` (the path real POPE files take): F1 per split, and accuracy
+    and yes-ratio averaged over the splits. `data`: question files, or `shapes`."""
+    main_eval(
+        [
+            "pope",
+            str(model_dir),
+            *data,
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "64",
+            *extra,
+        ]
+    )
+    splits = json.loads((out / "pope.json").read_text())["splits"]
+    metrics = {f"pope_f1/{name}": m["f1"] for name, m in splits.items()}
+    metrics["pope_accuracy"] = sum(m["accuracy"] for m in splits.values()) / len(splits)
+    metrics["pope_yes_ratio"] = sum(m["yes_ratio"] for m in splits.values()) / len(splits)
+    return metrics
+
+
 # -- chair and captions ---------------------------------------------------------------------------
 def caption_rows(spec: str, split: str, limit: int | None) -> tuple[Any, Any]:
     """(DataConfig, CaptionRows) of `shapes`, a recipe YAML's data section, or a local dataset (a folder's

@@ -459,8 +459,9 @@ def _write_shard(b: BuildState, s: int) -> None:
         chosen = generate_captions(
             b.model, b.processor, images, data.prompt, max_new_tokens=data.max_response_tokens
         )
-        if b.cfg.chosen == "verified":
-            chosen = [c if verified(c, b.pool[i]["objects"]) else b.refs[i][0] for c, i in zip(chosen, rows)]
+        if b.cfg.chosen == "verified":  # the objects column alone: no image decoded again
+            objects = b.pool.select_columns(["objects"])[rows]["objects"]
+            chosen = [c if verified(c, o) else b.refs[i][0] for c, o, i in zip(chosen, objects, rows)]
     table = Dataset.from_dict(_shard_rows(rows, chosen, b), features=b.features)
     write_shard(table, b.shard_dir, s, b.digest)
 
@@ -485,15 +486,12 @@ def center(vectors: np.ndarray) -> np.ndarray:
     return (out / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
-def pool_vectors(
-    cfg: PairsConfig, embedder: ImageEmbedder, images: Any, runtime: Any
-) -> tuple[np.ndarray, str]:
+def indexed_vectors(cfg: PairsConfig, vectors: np.ndarray, fingerprint: str) -> tuple[np.ndarray, str]:
     """The pool's vectors as the index holds them (centred when `embedder.center`) and their fingerprint (the
     encoder's, marked when centred, so an index of raw vectors is never read for centred ones)."""
-    vectors, _ = embed_pool(embedder, images, runtime)
     if cfg.embedder.center:
-        return center(vectors), embedder.fingerprint + ":centered"
-    return vectors, embedder.fingerprint
+        return center(vectors), fingerprint + ":centered"
+    return vectors, fingerprint
 
 
 def retrieval_stats(vectors: np.ndarray, search: Search, objects: list[list[dict]] | None) -> dict[str, Any]:
@@ -584,7 +582,9 @@ def build_index(
 ) -> Any:
     """Embed `images` (sharded over the runtime's ranks, resumable) and save a `VectorIndex` of them from
     rank 0 (ids = pool positions, with the encoder fingerprint); returns it on rank 0, None elsewhere."""
-    vectors, fingerprint = pool_vectors(cfg, embedder, images, runtime)
+    vectors, fingerprint = indexed_vectors(
+        cfg, embed_pool(embedder, images, runtime)[0], embedder.fingerprint
+    )
     index = None
     if runtime is None or runtime.is_main:
         index = save_index(index_config(cfg), vectors, fingerprint, directory)
@@ -627,7 +627,8 @@ def build_pairs(recipe: Any, overwrite: bool = False) -> Path:
     manifest = pair_manifest(recipe, pool, embedder, model, processor)
     claim_output(out, manifest, overwrite, runtime)
     embedder.tower.to(device)
-    vectors, fingerprint = pool_vectors(cfg, embedder, Column(pool, "image"), runtime)
+    raw, _ = embed_pool(embedder, Column(pool, "image"), runtime)
+    vectors, fingerprint = indexed_vectors(cfg, raw, embedder.fingerprint)
     model.to(device)
     refs = [c if isinstance(c, list) else [c] for c in pool["captions"]]
     b = BuildState(
