@@ -390,7 +390,6 @@ class Runtime:
         if trainable_only:
             keep = self.trainable_names(model)
             model_sd = {k: v for k, v in model_sd.items() if k in keep}
-        state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load({"model": model_sd}, checkpoint_id=str(folder))  # every weight must be there
         # parameters that never got a gradient (e.g. an unused final norm) have no saved AdamW state: theirs
         # stays as initialised, and AdamW skips them as before
@@ -402,8 +401,8 @@ class Runtime:
         set_state_dict(
             model,
             optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optimizer"],
+            model_state_dict=model_sd,
+            optim_state_dict=optim_sd,
             options=StateDictOptions(strict=not trainable_only),
         )
 
