@@ -445,6 +445,15 @@ class Runtime:
             self.unwrap(model).load_state_dict(model_sd, strict=not trainable_only)
             optimizer.load_state_dict(optim_sd)
 
+    def close(self) -> None:
+        """End of a run: every rank meets, then the process group is destroyed, so no collective thread is
+        still alive when the interpreter exits (gloo aborted rank 1 at exit now and then otherwise)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            self.barrier()
+            dist.destroy_process_group()
+
     # -- collectives ----------------------------------------------------------------------------
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

@@ -379,4 +379,5 @@ def train(recipe: Recipe) -> Path:
     if state.step == t.max_steps and t.export_final:
         export_final(model, processor, runtime, recipe, out / "final")
     tracker.finish()
+    runtime.close()
     return out
