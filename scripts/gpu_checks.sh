@@ -3,7 +3,8 @@
 #   bash scripts/gpu_checks.sh [OUT_DIR]
 # 1. every gpu-marked test (sampler without host-device copies, torch kNN and FAISS GPU = CPU, pairs on GPU);
 # 2. `rlalign bench logprob` on CUDA (bf16): peak memory and time of our log-prob path against full logits;
-# 3. the retrieval GPU benchmark (scripts/gpu_checks_retrieval.sh, its benchmark part).
+# 3. `rlalign bench prefix` on CUDA (bf16): the GRPO update on shared-prefix rows against unpacked rows;
+# 4. the retrieval GPU benchmark (scripts/gpu_checks_retrieval.sh, its benchmark part).
 # Each step's output goes to OUT_DIR (default: $OUT, else gpu-checks/); a failing step does not stop the others.
 # The GPU machine lacks deepspeed, datasets, faiss and wandb: install their wheels first (pip install --no-index
 # --find-links wheels/ ...), as the device tool's README says.
@@ -16,5 +17,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 status=0
 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT_DIR/gpu-tests.txt" || status=1
 "$PY" -m rlalign.bench.logprob --device cuda --hidden 3584 2>&1 | tee "$OUT_DIR/bench-logprob.txt" || status=1
+"$PY" -m rlalign.bench.prefix --device cuda --images 8 --text-hidden 1024 --text-layers 8 --heads 8 2>&1 \
+  | tee "$OUT_DIR/bench-prefix.txt" || status=1
 bash scripts/gpu_checks_retrieval.sh 2>&1 | tee "$OUT_DIR/retrieval.txt" || status=1
 exit $status

@@ -101,3 +101,15 @@ def single_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single")
     rlalign("train", TINY, f"trainer.output_dir={out}", "trainer.per_device_batch_size=4")
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast, and leaves the other core to whoever shares the machine
+    (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

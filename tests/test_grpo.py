@@ -101,7 +101,10 @@ def tiny_setup(tmp_path_factory):
 def test_first_inner_step_has_zero_kl_and_unit_ratio_on_the_tiny_model(tiny_setup):
     policy, objective, reference, runtime, window = tiny_setup
     buffer, metrics = objective.rollout(policy, window, step=0, runtime=runtime, reference=reference)
-    assert len(buffer) == 1 and buffer[0]["input_ids"].shape[0] == 4 * objective.cfg.group_size
+    G = objective.cfg.group_size
+    # the tiny Llava packs each group into one row: [prompt | c1 | ... | cG], its image once
+    assert len(buffer) == 1 and buffer[0]["completion_mask"].shape[0] == 4 * G
+    assert buffer[0]["input_ids"].shape[0] == buffer[0]["pixel_values"].shape[0] == 4
     n_tokens = float(buffer[0]["completion_mask"].sum())
     loss, m = objective.loss(policy, buffer[0], items_per_micro=n_tokens, reference=reference)
     assert float(m["kl"]) == 0.0 and float(m["ratio_mean"]) == 1.0 and float(m["clip_frac"]) == 0.0

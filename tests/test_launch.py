@@ -109,3 +109,30 @@ def test_plain_accelerate_launch_reports_sigterm_as_failure(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=240) != 0
     assert "SignalException" in proc.stderr.read()
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_distributed_rank_leaves_without_interpreter_teardown(world_size):
+    """A rank of a launched run (WORLD_SIZE > 1) exits through `os._exit` once its command is done: the
+    gloo abort at interpreter teardown cannot happen, since teardown (here, an atexit hook) never runs;
+    yet its output is flushed (stdout is a pipe, block-buffered) and its exit code is the command's."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('teardown ran', flush=True))\n"
+        "from rlalign.cli import main\n"
+        "sys.argv = ['rlalign', 'validate', sys.argv[1]]\n"
+        "sys.exit(main())\n"
+    )
+    env = make_env(WORLD_SIZE=world_size, RANK="0", LOCAL_RANK="0")
+    env.pop("PYTHONUNBUFFERED")
+    proc = subprocess.run(
+        [str(BIN / "python"), "-c", code, TINY],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"ok  {TINY}" in proc.stdout
+    assert ("teardown ran" in proc.stdout) == (world_size == "1")

@@ -1,5 +1,6 @@
 """GRPO under 2-process ZeRO-3 (accelerate launch, gloo) against the single-process run with the same
-global batch: same losses, same parameters after the steps, one parameter gather per rollout."""
+global batch: same losses, same parameters after the steps, one parameter gather per rollout; the
+ZeRO-3 run uses shared-prefix rows, the single process unpacked ones."""
 
 from __future__ import annotations
 
@@ -19,7 +20,16 @@ def test_zero3_grpo_matches_single_process(tmp_path):
     # lr 1e-4: Adam turns a gradient difference of float noise on a near-zero gradient into an update
     # difference of order lr, so the parameter check is at a realistic RL learning rate
     common = ["trainer.export_final=true", "trainer.max_steps=2", "optim.lr=1e-4"]
-    rlalign("train", GRPO, f"trainer.output_dir={single}", "trainer.per_device_batch_size=4", *common)
+    # the single process runs unpacked rows (prompt + completion each), ZeRO-3 the default shared-prefix
+    # rows (one per group): same losses and parameters, so the packed path equals the unpacked one
+    rlalign(
+        "train",
+        GRPO,
+        f"trainer.output_dir={single}",
+        "trainer.per_device_batch_size=4",
+        "objective.rollout.shared_prefix=false",
+        *common,
+    )
     run(
         launch_cmd(
             "zero3-8gpu.yaml",

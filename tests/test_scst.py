@@ -127,7 +127,10 @@ def test_scst_step_with_greedy_baseline_by_hand(tmp_path):
     policy64 = copy.deepcopy(policy).double()
     L = mb["completion_mask"].shape[1]
     samples = []
-    for ids, mask in zip(mb["input_ids"][:, -L:], mb["completion_mask"]):
+    # the tiny Llava's buffer has one shared-prefix row per image: [prompt | c1 | ... | cG]
+    assert mb["input_ids"].shape[0] == 3 and "segment_ids" in mb
+    completions = mb["input_ids"][:, mb["prompt_len"] :].reshape(-1, L)
+    for ids, mask in zip(completions, mb["completion_mask"]):
         samples.append(ids[mask.bool()])
     with torch.no_grad():
         greedy = [

@@ -203,6 +203,10 @@ class RolloutConfig:
     """Nucleus sampling mass (1: all)."""
     max_new_tokens: int = 32
     """Longest completion in tokens."""
+    shared_prefix: bool | None = None
+    """One row per group in the update, old-log-prob and reference forwards, `[prompt | c1 | ... | cG]`:
+    the image and the prompt are encoded once per group, not G times (same results as unpacked rows).
+    None: on where the family supports it (the families DPO packs, attention other than flash-attention 2)."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:

@@ -16,6 +16,7 @@ get unpacked rows instead: prompt + response per row, the image encoded once per
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -58,26 +59,38 @@ def rope_index_owner(model: Any) -> torch.nn.Module:
     )
 
 
+def packed_mask(
+    segment_ids: torch.Tensor, dtype: torch.dtype, prompt: int = 0, pad: int = -1
+) -> torch.Tensor:
+    """(N,1,T,T) additive mask of packed rows: causal, and each response segment sees the prompt and itself,
+    no other response; `pad` positions are seen by none (a padding row sees only itself: no NaN)."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    q, k = segment_ids[:, :, None], segment_ids[:, None, :]
+    allowed = causal & ((k == prompt) | (k == q)) & (k != pad)
+    allowed |= torch.eye(T, dtype=torch.bool, device=segment_ids.device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )[:, None]
+
+
 def segment_positions(
-    model: Any, batch: dict[str, Any], segments: tuple[int, int, int]
+    model: Any, batch: dict[str, Any], prompt: int, responses: Sequence[int]
 ) -> torch.Tensor | None:
     """(3, N, T) M-RoPE position ids of a packed batch, or None when the family uses the batch's 1-D ones.
 
-    `segments` = (prompt, first, second) segment ids. Each response's positions are those
-    `get_rope_index` gives the row with only the prompt and that response unmasked, which is the unpacked
-    sequence prompt + response; padding gets 0."""
+    Each response segment's positions are those `get_rope_index` gives the row with only the prompt and
+    that response unmasked, which is the unpacked sequence prompt + response; padding gets 0."""
     if "mm_token_type_ids" not in batch:
         return None
     owner = rope_index_owner(model)
-    prompt, first, second = segments
     seg = batch["segment_ids"]
     extra = {k: batch[k] for k in ROPE_INDEX_INPUTS if k in batch}
-
-    def positions(response: int) -> torch.Tensor:
+    out = None
+    for response in responses:
         mask = ((seg == prompt) | (seg == response)).long()
-        out, _ = owner.get_rope_index(
+        pos, _ = owner.get_rope_index(
             batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], attention_mask=mask, **extra
         )
-        return out
-
-    return torch.where(seg == second, positions(second), positions(first))
+        out = pos if out is None else torch.where(seg == response, pos, out)
+    return out

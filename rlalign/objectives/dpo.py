@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rlalign.data.preference import FIRST, PAD_SEGMENT, PROMPT, SECOND
-from rlalign.models.packing import segment_positions
+from rlalign.models.packing import packed_mask, segment_positions
 from rlalign.objectives.base import ObjectiveBase, ObjectiveContext, register_objective
 from rlalign.objectives.ref_cache import RefLogpCache
 from rlalign.ops import reduce_sequences, token_logprobs
@@ -40,20 +40,6 @@ PACKING_KEYS = (
 )
 
 
-def packed_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(N,1,T,T) additive mask: causal, and a response sees the prompt and itself, not the other response."""
-    T = segment_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    q, k = segment_ids[:, :, None], segment_ids[:, None, :]
-    allowed = causal & ((k == PROMPT) | (k == q)) & (k != PAD_SEGMENT)
-    allowed |= torch.eye(
-        T, dtype=torch.bool, device=segment_ids.device
-    )  # padding rows see themselves (no NaN)
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )[:, None]
-
-
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     """Dtype of the policy's floating parameters (the additive mask must match the attention's)."""
     return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
@@ -67,8 +53,8 @@ def forward_inputs(model: Any, batch: dict[str, Any], dtype: torch.dtype) -> dic
     if not batch["packed"]:
         inputs.pop("position_ids")
         return {**inputs, "attention_mask": batch["attention_mask"]}
-    inputs["attention_mask"] = packed_mask(batch["segment_ids"], dtype)
-    positions = segment_positions(model, batch, (PROMPT, FIRST, SECOND))
+    inputs["attention_mask"] = packed_mask(batch["segment_ids"], dtype, PROMPT, PAD_SEGMENT)
+    positions = segment_positions(model, batch, PROMPT, (FIRST, SECOND))
     if positions is not None:
         inputs["position_ids"] = positions
     return inputs

@@ -22,6 +22,7 @@ from rlalign.models.vision_inputs import repeat_rows, take_rows
 from rlalign.ops import token_entropy, token_logprobs
 from rlalign.rewards.combined import CombinedReward
 from rlalign.rollout.sampling import completion_mask, greedy, row_seed, sample_groups
+from rlalign.rollout.shared_prefix import pack_groups, packed_completion_logprobs, supports_shared_prefix
 from rlalign.utils.tensors import model_inputs, to_device
 
 BUFFER_KEYS = ("completion_mask", "advantages", "old_logp", "ref_logp")
@@ -43,12 +44,23 @@ def completion_logprobs(
     model: Any, batch: dict, *, entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [N, L] (float32) of the completion tokens under `model` (temperature 1), and their entropy.
-    Logits exist for the completion positions only (`logits_to_keep`): none for the prompt and image tokens."""
+    Logits exist for the completion positions only (`logits_to_keep`): none for the prompt and image tokens.
+    A packed micro-batch (one row per group, `rlalign.rollout.shared_prefix`) gives the same [N, L] layout."""
+    if "segment_ids" in batch:
+        return packed_completion_logprobs(model, batch, entropy=entropy, drop=BUFFER_KEYS)
     length = batch["completion_mask"].shape[1]
     logits = model(**model_inputs(batch, BUFFER_KEYS), logits_to_keep=length + 1).logits[:, :-1]
     logp = token_logprobs(logits, batch["input_ids"][:, -length:])
     ent = token_entropy(logits) if entropy else None
     return logp, ent
+
+
+def no_grad_logprobs(model: Any, batch: dict) -> torch.Tensor:
+    """Completion log-probs for the buffer (old policy, reference): computed under `inference_mode` (no
+    autograd records, no version counters), returned as an ordinary tensor the update's graph can use."""
+    with torch.inference_mode():
+        logp = completion_logprobs(model, batch)[0]
+    return logp.clone()
 
 
 def _sequences(batch: dict, comp: torch.Tensor, mask: torch.Tensor, group: int) -> dict:
@@ -77,11 +89,41 @@ def _split(batch: dict, parts: int) -> list[dict]:
     return [take_rows(batch, range(i * size, (i + 1) * size)) for i in range(parts)]
 
 
+def _packed_parts(
+    batch: dict, comp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, group: int, parts: int
+) -> list[dict]:
+    """The micro-batch as `parts` packed micro-batches of whole groups (one row per image)."""
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    B = tensors["input_ids"].shape[0]
+    if B % parts:
+        raise ValueError(
+            f"{B} images per micro-batch do not split into {parts} minibatches of whole groups "
+            "(objective.rollout.shared_prefix: false splits sequences instead)"
+        )
+    size = B // parts
+    out = []
+    for i in range(parts):
+        rows = slice(i * size * group, (i + 1) * size * group)
+        mb = pack_groups(take_rows(tensors, range(i * size, (i + 1) * size)), comp[rows], mask[rows], group)
+        mb["advantages"] = adv[rows]
+        out.append(mb)
+    return out
+
+
 class RolloutEngine:
     """Samples `group_size` completions per image (+ a greedy decode when asked) and builds the buffer."""
 
-    def __init__(self, cfg: RolloutConfig, reward: CombinedReward, tokenizer: Any, seed: int):
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        reward: CombinedReward,
+        tokenizer: Any,
+        seed: int,
+        shared_prefix: bool = False,
+    ):
         self.cfg, self.reward, self.tok, self.seed = cfg, reward, tokenizer, seed
+        self.shared_prefix = shared_prefix
+        """One packed row per group in the buffer (`rlalign.rollout.shared_prefix`)."""
 
     def __call__(
         self,
@@ -130,13 +172,16 @@ class RolloutEngine:
                     stats.setdefault("greedy_reward", []).append(base.numpy())
                 rewards = torch.from_numpy(total)
                 adv = advantage(rewards, base)
-                seqs = _sequences(batch, comp, mask, group_size)
-                seqs["advantages"] = adv.to(runtime.device, torch.float32)
-                micro = _split(seqs, minibatches)
+                adv_dev = adv.to(runtime.device, torch.float32)
+                if self.shared_prefix:
+                    micro = _packed_parts(batch, comp, mask, adv_dev, group_size, minibatches)
+                else:
+                    seqs = _sequences(batch, comp, mask, group_size)
+                    seqs["advantages"] = adv_dev
+                    micro = _split(seqs, minibatches)
                 if old_logp:
                     for mb in micro:
-                        with torch.no_grad():
-                            mb["old_logp"] = completion_logprobs(bare, mb)[0]
+                        mb["old_logp"] = no_grad_logprobs(bare, mb)
                 buffer += micro
                 stats["reward"].append(total)
                 stats["adv"].append(adv.numpy())
@@ -149,9 +194,8 @@ class RolloutEngine:
         rollout_s = time.perf_counter() - started
         started = time.perf_counter()
         if reference is not None:
-            with torch.no_grad():
-                for mb in buffer:
-                    mb["ref_logp"] = completion_logprobs(reference, mb)[0]
+            for mb in buffer:
+                mb["ref_logp"] = no_grad_logprobs(reference, mb)
         metrics = self._global_stats(runtime, stats, parts)
         metrics.update(
             {
@@ -208,4 +252,12 @@ def build_engine(recipe: Any, processor: Any) -> RolloutEngine:
         for iid, caps in zip(train["image_id"], train["captions"])
     }
     reward = CombinedReward(recipe.objective.rewards, refs)
-    return RolloutEngine(recipe.objective.rollout, reward, processor.tokenizer, recipe.trainer.seed)
+    cfg = recipe.objective.rollout
+    supported = supports_shared_prefix(processor, recipe.model.attn_implementation)
+    if cfg.shared_prefix and not supported:
+        raise ValueError(
+            f"objective.rollout.shared_prefix: {type(processor).__name__} with attention "
+            f"'{recipe.model.attn_implementation}' has no shared-prefix forward (set it false or leave it unset)"
+        )
+    shared = supported if cfg.shared_prefix is None else cfg.shared_prefix
+    return RolloutEngine(cfg, reward, processor.tokenizer, recipe.trainer.seed, shared_prefix=shared)

@@ -193,12 +193,12 @@ def export_final(model, processor, runtime: Runtime, recipe: Recipe, out: Path) 
         out.mkdir(parents=True, exist_ok=True)
         bare = runtime.unwrap(model)
         if recipe.model.lora is not None:
-            from rlalign.models.builder import load_base
-
-            base, _ = load_base(recipe.model, recipe.data)
-            merged, _ = build_policy(recipe.model, recipe.data)
-            merged.load_state_dict(state)
-            bare, state = base, merged.merge_and_unload().state_dict()
+            # one more copy of the model (base + adapters, loaded once), the trained state put in, the
+            # adapters merged into the base weights: the plain model of the family, no PEFT wrapper
+            peft_model, _ = build_policy(recipe.model, recipe.data)
+            peft_model.load_state_dict(state)
+            bare = peft_model.merge_and_unload()
+            state = bare.state_dict()
         bare.config.save_pretrained(out)
         bare.generation_config.save_pretrained(out)
         save_tensors(state, out / "model.safetensors")
