@@ -30,6 +30,7 @@ def preflight(
     check_objective_needs(recipe)
     check_attention(recipe.model)
     rollout = is_rollout_class(objective_class(recipe.objective.name))
+    check_token_budget(recipe, rollout)
     for reward in recipe.objective.rewards if rollout else []:
         if ":" in reward.name:
             load_callable(reward.name, where=f"objective.rewards: '{reward.name}'")
@@ -53,6 +54,23 @@ def _later_output(name: str) -> bool:
     """A relative path with a folder part that does not exist here and cannot be a hub id (`org/name`)."""
     path = Path(name)
     return not path.is_absolute() and not name.startswith("~") and not path.exists() and name.count("/") >= 2
+
+
+def check_token_budget(recipe: Recipe, rollout: bool) -> None:
+    """`trainer.max_tokens_per_micro` sizes the micro-batches of supervised and preference objectives under
+    engines whose accumulation length can change from step to step."""
+    if not recipe.trainer.max_tokens_per_micro:
+        return
+    if rollout:
+        raise RecipeError(
+            f"trainer.max_tokens_per_micro: objective '{recipe.objective.name}' builds its micro-batches from "
+            "rollouts (whole groups); set it to 0"
+        )
+    if recipe.distributed.backend == "deepspeed":
+        raise RecipeError(
+            "trainer.max_tokens_per_micro: DeepSpeed fixes the accumulation length when it starts; "
+            "use distributed.backend ddp or fsdp2, or set it to 0"
+        )
 
 
 def check_objective_needs(recipe: Recipe) -> None:

@@ -223,6 +223,19 @@ class Runtime:
     def accumulate(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         return self.accelerator.accumulate(model)
 
+    def begin_update(self, micro_batches: int) -> None:
+        """The next optimizer update accumulates `micro_batches` micro-batches (the same on every rank): the
+        gradients synchronise, and the loss is divided by that count, on its last. Token-budget steps vary
+        it; DeepSpeed fixed it at `prepare`."""
+        if self.backend == "deepspeed":
+            if micro_batches != self.grad_accum_steps:
+                raise ValueError(
+                    f"DeepSpeed accumulates {self.grad_accum_steps} micro-batches per update, got {micro_batches}"
+                )
+            return
+        self.accelerator.gradient_accumulation_steps = micro_batches
+        self.accelerator.step = 0
+
     @property
     def sync_gradients(self) -> bool:
         return self.accelerator.sync_gradients

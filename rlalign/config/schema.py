@@ -273,6 +273,11 @@ class TrainerConfig:
     """Examples per process per micro-batch."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step."""
+    max_tokens_per_micro: int = 0
+    """Token budget of a micro-batch (0: off). A step's rows of a rank (per_device_batch_size x
+    grad_accum_steps, the same rows as without a budget) are sorted by length and grouped so that rows x
+    longest row <= this budget (a longer row alone); every rank runs as many micro-batches as the rank that
+    needs most. XE / DPO / rDPO under single, DDP and FSDP2."""
     seed: int = 0
     """Seed of data order and of sampling."""
     log_every: int = 1
@@ -306,8 +311,13 @@ class TrainerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0 or self.save_every < 0 or self.num_workers < 0:
-            raise ValueError("eval_every, save_every and num_workers must be >= 0")
+        if (
+            self.eval_every < 0
+            or self.save_every < 0
+            or self.num_workers < 0
+            or self.max_tokens_per_micro < 0
+        ):
+            raise ValueError("eval_every, save_every, num_workers and max_tokens_per_micro must be >= 0")
 
 
 @dataclass(kw_only=True)

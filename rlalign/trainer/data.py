@@ -91,3 +91,30 @@ def eval_shard(n: int, world: int, rank: int) -> tuple[list[int], list[float]]:
         idx.append(idx[-1] if idx else 0)
         weights.append(0.0)
     return idx, weights
+
+
+def budget_groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """Rows (indices into `lengths`, token counts) grouped into micro-batches of at most `budget` padded
+    tokens (rows x the group's longest row): longest rows first, each group filled in that order while it
+    fits; a row longer than the budget forms a group alone. Deterministic (ties keep row order)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def split_to(groups: list[list[int]], count: int) -> list[list[int]]:
+    """`groups` split until there are `count` of them (every rank must run as many micro-batches): the
+    group with most rows (the first such) is halved, the halves kept in place. Needs count <= rows."""
+    groups = [list(g) for g in groups]
+    if count > sum(len(g) for g in groups):
+        raise ValueError(f"cannot make {count} micro-batches of {sum(len(g) for g in groups)} rows")
+    while len(groups) < count:
+        k = max(range(len(groups)), key=lambda j: (len(groups[j]), -j))
+        g = groups[k]
+        groups[k : k + 1] = [g[: len(g) // 2], g[len(g) // 2 :]]
+    return groups

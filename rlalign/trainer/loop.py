@@ -27,7 +27,7 @@ from rlalign.objectives import build_objective, is_rollout
 from rlalign.runtime import Runtime, StepOutcome
 from rlalign.tracking import make_tracker, wandb_mode
 from rlalign.trainer.checkpoint import Checkpointer, TrainState, data_order
-from rlalign.trainer.data import step_loader
+from rlalign.trainer.data import budget_groups, split_to, step_loader
 from rlalign.trainer.evaluation import evaluate_sharded, nll_measure, objective_measure
 from rlalign.utils.io import atomic_write_text
 from rlalign.utils.tensors import to_device
@@ -88,6 +88,7 @@ def optimizer_update(
     schedule counts loop steps: a rollout step's several updates advance it once (`step_scheduler` on
     the last). `grad_norm` and `lr` are always reported (NaN norm when no micro-batch synchronised)."""
     runtime, objective = ctx.runtime, ctx.objective
+    runtime.begin_update(len(window))
     counts = torch.tensor([sum(objective.count_items(b) for b in window)], dtype=torch.float64)
     items_per_micro = float(runtime.all_reduce(counts)) / (len(window) * runtime.world_size)
     sums: dict[str, float] = {}
@@ -128,6 +129,15 @@ def optimizer_update(
     if skipped:
         out["skipped_updates"] = float(skipped)
     return out
+
+
+def budget_window(rows: list, collate, budget: int, runtime: Runtime) -> list[dict]:
+    """A step's rows of this rank as micro-batches of at most `budget` padded tokens (`budget_groups`; a
+    row's size is the token count of its collated rows), as many on every rank as the rank needing most."""
+    lengths = [int(collate([row])["input_ids"].numel()) for row in rows]
+    groups = budget_groups(lengths, budget)
+    count = int(runtime.all_reduce(torch.tensor([float(len(groups))]), op="max").item())
+    return [collate([rows[i] for i in g]) for g in split_to(groups, count)]
 
 
 def drop_nonfinite(outcome: StepOutcome, step: int, on_nonfinite: str) -> None:
@@ -328,7 +338,7 @@ def train(recipe: Recipe) -> Path:
         )
     loader = step_loader(
         train_set,
-        data.collate,
+        list if t.max_tokens_per_micro else data.collate,  # a token budget collates in `budget_window`
         micro=t.per_device_batch_size,
         world=runtime.world_size,
         rank=runtime.rank,
@@ -356,8 +366,14 @@ def train(recipe: Recipe) -> Path:
         task = bar.add_task("train", total=t.max_steps, completed=state.step, info="")
         while state.step < t.max_steps:
             started = time.perf_counter()
-            window = [next(batches) for _ in range(t.grad_accum_steps)]
+            if t.max_tokens_per_micro:
+                rows = [row for _ in range(t.grad_accum_steps) for row in next(batches)]
+                window = budget_window(rows, data.collate, t.max_tokens_per_micro, runtime)
+            else:
+                window = [next(batches) for _ in range(t.grad_accum_steps)]
             m = train_step(ctx, window, state.step)
+            if t.max_tokens_per_micro:
+                m["micro_batches"] = float(len(window))
             state.step += 1
             state.samples_seen += int(m["samples"])
             elapsed = time.perf_counter() - started
