@@ -406,11 +406,12 @@ def _leave_worker(rc: int) -> None:
     """A rank of a distributed run that finished its work leaves without interpreter teardown.
 
     With gloo, a rank sometimes aborted after its last line ('terminate called without an active
-    exception', SIGABRT, in about 1 of 15 two-process runs on a loaded 2-core machine), even after the
-    process group was destroyed: the faulthandler showed the main thread inside interpreter finalization,
-    where a collective's C++ worker thread can still need the GIL. Everything the run writes is written
-    and closed by now (checkpoints, trackers, reports), so the logs and streams are flushed and the
-    process exits with the command's own code instead of tearing the interpreter down.
+    exception', SIGABRT, in about 1 of 15 two-process runs on a loaded 2-core machine): the faulthandler
+    showed the main thread inside interpreter finalization, where a collective's C++ worker thread still
+    needed the GIL to free a finished collective's tensors. Destroying the process group first is no
+    cure (its destructor joins that thread while holding the GIL: a rank hung so). Everything the run
+    writes is written and closed by now (checkpoints, trackers, reports), so the logs and streams are
+    flushed and the process exits with the command's own code instead of tearing the interpreter down.
     """
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

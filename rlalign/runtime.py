@@ -459,13 +459,17 @@ class Runtime:
             optimizer.load_state_dict(optim_sd)
 
     def close(self) -> None:
-        """End of a run: every rank meets, then the process group is destroyed, so no collective thread is
-        still alive when the interpreter exits (gloo aborted rank 1 at exit now and then otherwise)."""
+        """End of a run: every rank meets. NCCL groups are then destroyed (as PyTorch asks). Gloo groups are
+        left alone: the CLI ends a launched rank with `os._exit` (`rlalign.cli._leave_worker`), and
+        destroying one deadlocked a rank (its destructor joins a gloo worker thread that waits for the GIL
+        to free a finished collective's tensors, while the joining thread holds the GIL) or aborted it at
+        interpreter teardown."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             self.barrier()
-            dist.destroy_process_group()
+            if dist.get_backend() == "nccl":
+                dist.destroy_process_group()
 
     # -- collectives ----------------------------------------------------------------------------
     def barrier(self) -> None:
