@@ -45,6 +45,33 @@ def detect_backend(cfg: DistributedConfig) -> str:
     return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
 
 
+GLOO_SETTLE_S = 0.5
+"""How long a gloo rank's exit leaves its collective threads to finish (`_settle_gloo_at_exit`)."""
+_settle_registered = False
+
+
+def _settle_gloo_at_exit() -> None:
+    """Under a gloo process group, give the group's worker threads the GIL for a moment when the interpreter
+    starts to exit (atexit runs while it is still whole). A worker frees a finished collective's tensors
+    right after the collective, and freeing a tensor that Python made needs the GIL: if the last collective
+    ended just before the script did, the worker asked for the GIL during interpreter teardown and the
+    process aborted ('terminate called without an active exception', 1 run in 8 of a 2-process script whose
+    last line followed an all-reduce). `rlalign` commands exit through `os._exit` instead
+    (`rlalign.cli._leave_worker`); this covers scripts that use `Runtime` themselves."""
+    global _settle_registered
+    import torch.distributed as dist
+
+    if _settle_registered or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() != "gloo" or dist.get_world_size() == 1:
+        return
+    import atexit
+    import time
+
+    atexit.register(time.sleep, GLOO_SETTLE_S)
+    _settle_registered = True
+
+
 @dataclass(frozen=True)
 class StepOutcome:
     grad_norm: float
@@ -104,6 +131,7 @@ class Runtime:
         accelerator = Accelerator(**kwargs)
         if backend == "ddp" and accelerator.num_processes == 1:
             backend = "single"
+        _settle_gloo_at_exit()
         return cls(accelerator=accelerator, backend=backend, cfg=cfg, grad_accum_steps=grad_accum_steps)
 
     @classmethod
