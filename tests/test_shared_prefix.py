@@ -75,7 +75,7 @@ def test_packed_groups_equal_unpacked_rows(checkpoints, family):
     batch, comp, mask = rollout(model, processor)
     assert (batch["attention_mask"] == 0).any(), "the prompts should be padded to one length"
     assert len(set(mask.sum(1).tolist())) > 1, "completions of different lengths"
-    packed = pack_groups(batch, comp, mask, GROUP)
+    packed = pack_groups(model, batch, comp, mask, GROUP)
     unpacked = _sequences(batch, comp, mask, GROUP)
     assert packed["input_ids"].shape == (2, batch["input_ids"].shape[1] + GROUP * comp.shape[1])
     assert int((packed["segment_ids"] > 0).sum()) == int(mask.sum())
@@ -109,7 +109,7 @@ def test_packed_groups_equal_unpacked_rows(checkpoints, family):
         f"{family}: packed vs unpacked |d logp| {logp_diff:.1e}, |d grad| {grad_diff:.1e} (max grad {scale:.2e})"
     )
     # the pieces of a packed micro-batch are whole groups with their own images
-    parts = _packed_parts(batch, comp, mask, adv, GROUP, 2)
+    parts = _packed_parts(model, batch, comp, mask, adv, GROUP, 2)
     got = torch.cat([completion_logprobs(model, mb)[0] for mb in parts]) * mask
     assert float((got - logp_u).abs().max()) < 1e-9
 
@@ -118,7 +118,7 @@ def test_packed_rows_hold_each_image_once(checkpoints):
     """The point of packing: the packed forward sees each image and prompt once, not G times."""
     model, processor = load_base(ModelConfig(name_or_path=str(checkpoints["llava"])))
     batch, comp, mask = rollout(model.double(), processor)
-    packed, unpacked = pack_groups(batch, comp, mask, GROUP), _sequences(batch, comp, mask, GROUP)
+    packed, unpacked = pack_groups(model, batch, comp, mask, GROUP), _sequences(batch, comp, mask, GROUP)
     assert packed["pixel_values"].shape[0] == 2 and unpacked["pixel_values"].shape[0] == 2 * GROUP
     P, L = batch["input_ids"].shape[1], comp.shape[1]
     assert packed["input_ids"].numel() == 2 * (P + GROUP * L)
@@ -129,4 +129,4 @@ def test_minibatches_must_hold_whole_groups(checkpoints):
     model, processor = load_base(ModelConfig(name_or_path=str(checkpoints["llava"])))
     batch, comp, mask = rollout(model.double(), processor)
     with pytest.raises(ValueError, match="2 images per micro-batch do not split into 3 minibatches"):
-        _packed_parts(batch, comp, mask, torch.zeros(2 * GROUP), GROUP, 3)
+        _packed_parts(model, batch, comp, mask, torch.zeros(2 * GROUP), GROUP, 3)

@@ -62,7 +62,7 @@ def _setup(a: argparse.Namespace, device: str):
         "ref_logp": -torch.rand(N, a.completion, generator=g).to(device) - 4,
     }
     unpacked = {**_sequences(batch, comp, mask, a.group), **extra}
-    packed = {**pack_groups(batch, comp, mask, a.group), **extra}
+    packed = {**pack_groups(model, batch, comp, mask, a.group), **extra}
     return model, batch, unpacked, packed
 
 

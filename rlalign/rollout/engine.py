@@ -90,7 +90,7 @@ def _split(batch: dict, parts: int) -> list[dict]:
 
 
 def _packed_parts(
-    batch: dict, comp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, group: int, parts: int
+    model: Any, batch: dict, comp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, group: int, parts: int
 ) -> list[dict]:
     """The micro-batch as `parts` packed micro-batches of whole groups (one row per image)."""
     tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -104,7 +104,8 @@ def _packed_parts(
     out = []
     for i in range(parts):
         rows = slice(i * size * group, (i + 1) * size * group)
-        mb = pack_groups(take_rows(tensors, range(i * size, (i + 1) * size)), comp[rows], mask[rows], group)
+        prompts = take_rows(tensors, range(i * size, (i + 1) * size))
+        mb = pack_groups(model, prompts, comp[rows], mask[rows], group)
         mb["advantages"] = adv[rows]
         out.append(mb)
     return out
@@ -174,7 +175,7 @@ class RolloutEngine:
                 adv = advantage(rewards, base)
                 adv_dev = adv.to(runtime.device, torch.float32)
                 if self.shared_prefix:
-                    micro = _packed_parts(batch, comp, mask, adv_dev, group_size, minibatches)
+                    micro = _packed_parts(bare, batch, comp, mask, adv_dev, group_size, minibatches)
                 else:
                     seqs = _sequences(batch, comp, mask, group_size)
                     seqs["advantages"] = adv_dev

@@ -21,6 +21,7 @@ import torch
 
 from rlalign.data.collate import TOKEN_ALIGNED
 from rlalign.models.packing import packed_mask, packs_preferences, segment_positions
+from rlalign.ops import token_entropy, token_logprobs
 from rlalign.ops.logprobs import kept_positions
 
 PAD, PROMPT = -1, 0
@@ -34,10 +35,13 @@ def supports_shared_prefix(processor: Any, attn_implementation: str) -> bool:
     return packs_preferences(processor) and attn_implementation != "flash_attention_2"
 
 
-def pack_groups(batch: dict[str, Any], comp: torch.Tensor, mask: torch.Tensor, group: int) -> dict[str, Any]:
+def pack_groups(
+    model: Any, batch: dict[str, Any], comp: torch.Tensor, mask: torch.Tensor, group: int
+) -> dict[str, Any]:
     """The packed micro-batch of a rollout: `batch` holds B prompts (left-padded, their image inputs once),
     `comp` / `mask` [B*G, L] the completions in group order. Returns B rows of P + G*L tokens with
-    `segment_ids`, `pred_pos` (the position whose logits predict each token), 1-D `position_ids`, the
+    `segment_ids`, `pred_pos` (the position whose logits predict each token), `position_ids` (1-D, or
+    M-RoPE from `model`'s rope index, computed here once for every forward of the buffer), the
     prompt-aligned inputs extended over the completions, `completion_mask` [B*G, L]."""
     ids, att = batch["input_ids"], batch["attention_mask"]
     B, P = ids.shape
@@ -64,6 +68,9 @@ def pack_groups(batch: dict[str, Any], comp: torch.Tensor, mask: torch.Tensor, g
     pred_c = torch.where(j == 0, torch.full_like(j, P - 1), start + j - 1)
     out["pred_pos"] = torch.cat([torch.arange(P, device=dev) - 1, pred_c]).clamp(min=0).expand(B, -1).clone()
     out["position_ids"] = torch.cat([torch.arange(P, device=dev), P + j]).expand(B, -1).clone()
+    mrope = segment_positions(model, out, PROMPT, range(1, group + 1))
+    if mrope is not None:
+        out["position_ids"] = mrope
     out["completion_mask"] = mask
     out["group_size"] = group
     out["prompt_len"] = P
@@ -75,8 +82,6 @@ def packed_completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B*G, L] (float32) of a packed micro-batch's completion tokens, and their entropy: one
     forward over the B packed rows, logits only at the positions that predict a completion token."""
-    from rlalign.ops import token_entropy, token_logprobs
-
     seg = batch["segment_ids"]
     G, P = batch["group_size"], batch["prompt_len"]
     mask = batch["completion_mask"]
@@ -91,9 +96,6 @@ def packed_completion_logprobs(
         p.dtype for m in model.modules() for p in m.parameters(recurse=False) if p.dtype.is_floating_point
     )
     inputs["attention_mask"] = packed_mask(seg, dtype, PROMPT, PAD)
-    mrope = segment_positions(model, batch, PROMPT, range(1, G + 1))
-    if mrope is not None:
-        inputs["position_ids"] = mrope
     logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits  # (B, K, V)
     logp_BK = token_logprobs(logits, batch["input_ids"].gather(1, index))
     ent_BK = token_entropy(logits) if entropy else None
