@@ -45,6 +45,7 @@ def preflight(
         note = str(missing)
     if note:  # no local copy to read the structure from
         return [f"{note} (LoRA targets not checked)" if recipe.model.lora else note]
+    check_flex_attention(recipe.model)
     if model_structure and recipe.model.lora is not None:
         check_lora_targets(recipe.model, recipe.data)
     return []
@@ -98,6 +99,26 @@ def check_attention(cfg: ModelConfig) -> None:
         raise RecipeError(
             "model.attn_implementation: 'flash_attention_2' needs the flash-attn package (pip install flash-attn), "
             "not installed here; 'sdpa' (the default) runs everywhere"
+        )
+
+
+def check_flex_attention(cfg: ModelConfig) -> None:
+    """flex attention is a per-architecture opt-in of transformers (Qwen2-VL and Qwen2.5-VL have none in
+    5.x): refused here in one line, not by a traceback when the weights load. Reads the config only (a
+    local or cached checkpoint: `check_model_source` passed); the built-in model is a Llava, which has it."""
+    if cfg.attn_implementation != "flex_attention" or cfg.name_or_path == BUILTIN_TINY:
+        return
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:  # remote code: its class decides at load
+        return
+    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    if not model_class._supports_flex_attn:
+        raise RecipeError(
+            f"model.attn_implementation: 'flex_attention' has no path in transformers for "
+            f"{model_class.__name__}; use 'sdpa' (the default) or 'eager'"
         )
 
 

@@ -49,6 +49,9 @@ class Ref:
                 p.add_(0.05 * torch.randn_like(p))
         self.forward_calls, self.mode, self.runtime = 0, "copy", _Runtime()
 
+    def modules(self):
+        return self.model.modules()
+
     def __call__(self, **inputs):
         self.forward_calls += 1
         return self.model(**inputs)

@@ -44,10 +44,10 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def rollout(model, processor):
-    """Two prompts (left-padded to one length), G samples each, in float64."""
+def rollout(model, processor, dtype: torch.dtype = torch.float64):
+    """Two prompts (left-padded to one length), G samples each, image inputs in `dtype` (the model's)."""
     batch = dict(encode_prompts(processor, images(), PROMPTS))
-    batch = {k: v.double() if torch.is_floating_point(v) else v for k, v in batch.items()}
+    batch = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in batch.items()}
     tok = processor.tokenizer
     with torch.no_grad():
         comp = sample_groups(

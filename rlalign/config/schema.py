@@ -78,10 +78,12 @@ class ModelConfig:
     reference: Literal["none", "copy", "adapter_disabled"] = "none"
     """Reference policy: none, a frozen copy sharded like the policy, or the policy with its LoRA adapter off."""
     trust_remote_code: bool = False
+    """Allow model code from the checkpoint (off unless the recipe asks)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     """Attention kernel. `flash_attention_2` needs the flash-attn package and cannot take packed rows' block
-    masks: preference pairs then run unpacked (each response its own row, the image encoded per row)."""
-    """Allow model code from the checkpoint (off unless the recipe asks)."""
+    masks: preference pairs then run unpacked (each response its own row, the image encoded per row).
+    `flex_attention` gets packed rows' masks as a BlockMask; transformers has it for Llava, LLaVA-NeXT,
+    Idefics3 and Gemma 3, not for Qwen2-VL / Qwen2.5-VL; torch has no flex backward on CPU."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Sizes for the built-in tiny model."""
     disable_dropout: bool | None = None

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rlalign.data.preference import FIRST, PAD_SEGMENT, PROMPT, SECOND
-from rlalign.models.packing import packed_mask, segment_positions
+from rlalign.models.packing import packed_attention_mask, segment_positions
 from rlalign.objectives.base import ObjectiveBase, ObjectiveContext, register_objective
 from rlalign.objectives.ref_cache import RefLogpCache
 from rlalign.ops import reduce_sequences, token_logprobs
@@ -41,19 +41,20 @@ PACKING_KEYS = (
 
 
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """Dtype of the policy's floating parameters (the additive mask must match the attention's)."""
+    """Dtype of the policy's floating parameters (a dense additive mask must match the attention's)."""
     return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
 
 
 def forward_inputs(model: Any, batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """The forward's inputs: packed rows get the 4D segment mask and each segment's positions (M-RoPE from
+    """The forward's inputs: packed rows get the segment mask (4-D, or a BlockMask under flex attention) and
+    each segment's positions (M-RoPE from
     the model's own rope index); unpacked rows are the family's ordinary forward (2D mask, the model's
     own positions and attention rules, such as Gemma 3's bidirectional image blocks)."""
     inputs = {k: v for k, v in batch.items() if k not in PACKING_KEYS}
     if not batch["packed"]:
         inputs.pop("position_ids")
         return {**inputs, "attention_mask": batch["attention_mask"]}
-    inputs["attention_mask"] = packed_mask(batch["segment_ids"], dtype, PROMPT, PAD_SEGMENT)
+    inputs["attention_mask"] = packed_attention_mask(model, batch["segment_ids"], dtype, PROMPT, PAD_SEGMENT)
     positions = segment_positions(model, batch, PROMPT, (FIRST, SECOND))
     if positions is not None:
         inputs["position_ids"] = positions

@@ -3,7 +3,7 @@
 In the unpacked buffer each image and prompt are repeated G times, so at COCO-like shapes (~600 prompt
 tokens with 576 image tokens, ~16-token captions, G = 5) nearly all of an update's work recomputes the
 same prompt. A packed row holds the prompt once and the group's completions after it: completion g
-attends to the prompt and to itself (`packed_mask`, the segment machinery of DPO's packed pairs) and
+attends to the prompt and to itself (`packed_attention_mask`, the segment machinery of DPO's packed pairs) and
 gets the positions the model gives the unpacked sequence prompt + completion g (1-D: prompt length
 onwards; M-RoPE: the model's own `get_rope_index`, `segment_positions`). Logits exist only where a
 completion token is scored, and the log-probs come back in the unpacked layout [B*G, L], so the
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from rlalign.data.collate import TOKEN_ALIGNED
-from rlalign.models.packing import packed_mask, packs_preferences, segment_positions
+from rlalign.models.packing import packed_attention_mask, packs_preferences, segment_positions
 from rlalign.ops import token_entropy, token_logprobs
 from rlalign.ops.logprobs import kept_positions
 
@@ -31,7 +31,8 @@ PACKED_KEYS = ("segment_ids", "pred_pos", "group_size", "prompt_len")
 
 def supports_shared_prefix(processor: Any, attn_implementation: str) -> bool:
     """Whether the family's packed forward equals its unpacked one (the families DPO packs, tested per
-    family) and the attention takes a 4-D mask (not flash-attention 2's varlen path)."""
+    family) and the attention takes a 4-D mask: dense under sdpa / eager, a BlockMask under flex attention
+    (not flash-attention 2's varlen path)."""
     return packs_preferences(processor) and attn_implementation != "flash_attention_2"
 
 
@@ -95,7 +96,7 @@ def packed_completion_logprobs(
     dtype = next(
         p.dtype for m in model.modules() for p in m.parameters(recurse=False) if p.dtype.is_floating_point
     )
-    inputs["attention_mask"] = packed_mask(seg, dtype, PROMPT, PAD)
+    inputs["attention_mask"] = packed_attention_mask(model, seg, dtype, PROMPT, PAD)
     logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits  # (B, K, V)
     logp_BK = token_logprobs(logits, batch["input_ids"].gather(1, index))
     ent_BK = token_entropy(logits) if entropy else None
