@@ -1,5 +1,5 @@
-"""`rlalign bench dpo`: our DPO and rDPO training steps against TRL's `DPOTrainer` on the same tiny
-VLM, data and batch, in the same run.
+"""`rlalign bench dpo`: our DPO training step against TRL's `DPOTrainer` on the same VLM, data and batch,
+in the same run. Runs on CUDA when present, on the CPU otherwise.
 
 One step = collate the batch (images processed) + policy and reference forwards + loss + backward +
 AdamW step. TRL's step runs its own collator (`DataCollatorForVisionPreference`) and `compute_loss`
@@ -7,20 +7,39 @@ AdamW step. TRL's step runs its own collator (`DataCollatorForVisionPreference`)
 one row (image and prompt run once). Repetitions alternate ours / TRL; medians are reported. Ends
 with one JSON line; `ratio` = our DPO samples/s / TRL's.
 
-    rlalign bench dpo [--batch 8] [--steps 5] [--reps 3] [--image-size 48] [--text-hidden 128]
+`--arch tiny` (default): the built-in tiny Llava, full fine-tuning, a frozen copy as reference; our
+DPO and rDPO objectives called directly, TRL's `compute_loss`, each with a plain AdamW step.
+`--arch qwen2-vl`: Qwen2-VL-7B's widths (`rlalign.bench.arch`) with `--layers` text layers (default 2 on a
+CPU, 28 on a GPU) in bf16, saved to a temporary folder that both trainers load; both train the same LoRA
+adapters, reference = adapter disabled. Ours runs our loop's `train_step` on the recipe
+`recipes/test/tiny-dpo.yaml` pointed at the folder, TRL its `train()` (steps timed by a callback); ours is
+built, run and freed before TRL's is built. Per trainer: samples (pairs)/s and tokens/s per device
+(tokens = prompt with its image tokens + response, for the chosen and the rejected sequence of every pair,
+counted the same way for both whatever their layout), peak memory of the timed steps
+(`rlalign.bench.measure`) and, on a known GPU, MFU.
+
+    rlalign bench dpo [--arch tiny|qwen2-vl] [--layers N] [--batch 8] [--steps 5] [--reps 3] [--image-size 48]
+                      [--text-hidden 128]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
+import logging
+import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from rlalign.bench.arch import ARCHES, bench_checkpoint
+from rlalign.bench.measure import PeakProbe, bench_device, mfu
 from rlalign.config.schema import DataConfig, TinyModelConfig
 from rlalign.data.preference import PreferenceCollator, PreferencePairs, shapes_preferences
 from rlalign.models.tiny import build_tiny_llava
@@ -34,6 +53,10 @@ class _Ref:
     def __init__(self, model):
         self.model, self.mode, self.forward_calls = model, "copy", 0
 
+    def modules(self):
+        """The modules that run, as `ReferenceModel.modules` (packed rows read the model's attention kernel)."""
+        return self.model.modules()
+
     def __call__(self, **inputs):
         with torch.no_grad():
             return self.model(**inputs)
@@ -43,14 +66,7 @@ def _peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
 
-def run(args: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="rlalign bench dpo")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--image-size", type=int, default=48)
-    p.add_argument("--text-hidden", type=int, default=128)
-    a = p.parse_args(args)
+def tiny(a: argparse.Namespace) -> dict:
     import datasets
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
@@ -161,6 +177,268 @@ def run(args: list[str]) -> dict:
     }
     print(json.dumps(result))
     return result
+
+
+DEFAULTS = {
+    "tiny": dict(batch=8, steps=5, reps=3, image_size=48),
+    ("qwen2-vl", "cpu"): dict(batch=2, steps=2, reps=3, image_size=112, layers=2, vision_layers=2),
+    ("qwen2-vl", "cuda"): dict(batch=4, steps=5, reps=3, image_size=448, layers=28, vision_layers=32),
+}
+"""Per arch (and device). The real architecture on a CPU: 2 pairs of 16-token images a step, 2 timed steps per
+repetition (1.5-3 minutes for `--reps 3` on 2 cores); on a GPU: full depth, 448-pixel images (256 image
+tokens)."""
+
+
+def parse(args: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rlalign bench dpo")
+    p.add_argument("--arch", choices=ARCHES, default="tiny")
+    p.add_argument("--layers", type=int, default=None, help="text layers of a real arch (CPU 2, GPU 28)")
+    p.add_argument(
+        "--vision-layers", type=int, default=None, help="vision blocks of a real arch (CPU 2, GPU 32)"
+    )
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="real arch weights")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None, help="pixels (real arch: 112 = 16 image tokens)")
+    p.add_argument("--text-hidden", type=int, default=128, help="tiny arch only")
+    p.add_argument("--test-dims", action="store_true", help=argparse.SUPPRESS)  # toy widths, for tests
+    a = p.parse_args(args)
+    defaults = DEFAULTS["tiny" if a.arch == "tiny" else (a.arch, bench_device().type)]
+    for key, value in defaults.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    return a
+
+
+def run(args: list[str] | None) -> dict:
+    a = parse(args)
+    return tiny(a) if a.arch == "tiny" else real(a)
+
+
+def _recipe(a: argparse.Namespace):
+    from rlalign.bench.arch import lora_overrides
+    from rlalign.recipe import load_recipe
+
+    overrides = [
+        f"trainer.output_dir={tempfile.mkdtemp()}",
+        f"trainer.per_device_batch_size={a.batch}",
+        f"data.train_size={a.batch * (a.steps + 1)}",
+        "optim.lr=1e-5",
+        "objective.dpo.beta=0.1",
+    ]
+    return load_recipe(
+        "recipes/test/tiny-dpo.yaml", overrides + lora_overrides(a.checkpoint, a.dtype, a.image_size)
+    )
+
+
+def real(a: argparse.Namespace) -> dict:
+    """Ours against TRL on the real-architecture checkpoint (see the module docstring)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    import datasets
+
+    from rlalign.config.schema import DistributedConfig
+    from rlalign.data import build_data
+    from rlalign.data.collate import prompt_text
+    from rlalign.models.families import load_processor
+    from rlalign.objectives import build_objective
+    from rlalign.runtime import Runtime
+
+    datasets.disable_progress_bars()
+    device = bench_device()
+    runtime = Runtime.create(
+        DistributedConfig()
+    )  # once: TRL's trainer reuses the process-wide accelerate state
+    o, q = [], []
+    with tempfile.TemporaryDirectory(prefix="rlalign-bench-dpo-") as folder:
+        a.checkpoint = bench_checkpoint(a, Path(folder))
+        recipe = _recipe(a)
+        processor = load_processor(str(a.checkpoint))
+        objective = build_objective(recipe, processor)
+        data = build_data(objective.data_kind, recipe, processor, objective)
+        rows = [data.train[i] for i in range(a.batch * (a.steps + 1))]
+        eos = processor.tokenizer.eos_token
+        trl_rows = [
+            {
+                "images": [r["image"]],
+                "prompt": prompt_text(processor, r["prompt"]),
+                "chosen": r["chosen"] + eos,
+                "rejected": r["rejected"] + eos,
+            }
+            for r in rows
+        ]
+        # sequence tokens of a pair: prompt (image tokens included) + response, for chosen and rejected
+        tokens = [
+            sum(
+                len(processor(text=[r["prompt"] + r[k]], images=r["images"])["input_ids"][0])
+                for k in ("chosen", "rejected")
+            )
+            for r in trl_rows
+        ]
+        timed = sum(tokens[a.batch :])
+        for _ in range(a.reps):
+            o.append(ours(a, runtime, recipe, data, timed))
+            q.append(peer(a, device, processor, trl_rows, timed))
+    n_params = o[0]["params"]
+    rows_out = {"rlalign dpo": summary(o, n_params, device), "trl DPOTrainer": summary(q, n_params, device)}
+    table(rows_out)
+    mine, theirs = rows_out.values()
+    result = {
+        "bench": "dpo",
+        "peer": "trl",
+        "arch": a.arch,
+        "ratio": round(mine["samples_per_s"] / theirs["samples_per_s"], 3),
+        "ours_samples_per_s": round(mine["samples_per_s"], 3),
+        "peer_samples_per_s": round(theirs["samples_per_s"], 3),
+        "ours_tokens_per_s_per_device": round(mine["tokens_per_s"], 1),
+        "peer_tokens_per_s_per_device": round(theirs["tokens_per_s"], 1),
+        "ours_peak_mem_bytes": int(mine["peak_bytes"]),
+        "peer_peak_mem_bytes": int(theirs["peak_bytes"]),
+        "ours_peak_rss_bytes": mine["peak_rss"] and int(mine["peak_rss"]),
+        "peer_peak_rss_bytes": theirs["peak_rss"] and int(theirs["peak_rss"]),
+        "ours_mfu": mine["mfu"] and round(mine["mfu"], 4),
+        "peer_mfu": theirs["mfu"] and round(theirs["mfu"], 4),
+        "device": device.type,
+        "layers": a.layers,
+        "vision_layers": a.vision_layers,
+        "dtype": a.dtype,
+        "image_size": a.image_size,
+        "batch": a.batch,
+        "steps": a.steps,
+        "reps": a.reps,
+        "params": n_params,
+        "tokens_per_pair": round(timed / (a.batch * a.steps), 1),
+    }
+    print(json.dumps(result))
+    return result
+
+
+def ours(a: argparse.Namespace, runtime, recipe, data, tokens: int) -> dict:
+    """Our loop's `train_step` on `a.steps` batches after a warm-up one (rows read and collated in the step)."""
+    from rlalign.models.builder import ReferenceModel, build_policy
+    from rlalign.objectives import build_objective
+    from rlalign.trainer.loop import StepContext, make_scheduler, train_step
+
+    policy, processor = build_policy(recipe.model, recipe.data)
+    objective = build_objective(recipe, processor)
+    reference = ReferenceModel.build(recipe.model.reference, policy, runtime)
+    model, opt, sched = runtime.prepare(
+        policy,
+        lambda params: torch.optim.AdamW(params, lr=recipe.optim.lr),
+        lambda optimizer: make_scheduler(optimizer, recipe),
+        micro_batch_size=a.batch,
+    )
+    reference.attach(model)
+    ctx = StepContext(model, objective, opt, sched, runtime, reference, max_grad_norm=1.0)
+    probe = PeakProbe(runtime.device)
+    started = 0.0
+    for step in range(a.steps + 1):
+        if step == 1:
+            probe.start()
+            started = time.perf_counter()
+        window = [data.collate([data.train[i] for i in range(step * a.batch, (step + 1) * a.batch)])]
+        train_step(ctx, window, step)
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
+    elapsed = time.perf_counter() - started
+    result = {
+        "samples_per_s": a.batch * a.steps / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "peak_bytes": probe.stop(),
+        "peak_rss": probe.peak_rss,
+        "params": runtime.parameter_counts(model)[0],
+    }
+    del ctx, model, opt, sched, reference, policy, objective
+    runtime.accelerator.free_memory()
+    gc.collect()
+    return result
+
+
+def peer(a: argparse.Namespace, device: torch.device, processor, rows: list[dict], tokens: int) -> dict:
+    """TRL's `DPOTrainer.train()` on the same rows in the same order (sequential sampler), steps after the
+    first timed by a callback."""
+    import datasets
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer
+
+    from rlalign.bench.arch import peft_lora
+    from rlalign.models.builder import DTYPES
+
+    probe = PeakProbe(device)
+
+    class Clock(TrainerCallback):
+        stamps: list[float] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.stamps.append(time.perf_counter())
+            if len(self.stamps) == 1:  # the warm-up step is done
+                probe.start()
+
+    clock = Clock()
+    cfg = TRLConfig(
+        output_dir=tempfile.mkdtemp(),
+        beta=0.1,
+        per_device_train_batch_size=a.batch,
+        max_steps=a.steps + 1,
+        learning_rate=1e-5,
+        train_sampling_strategy="sequential",
+        report_to=[],
+        logging_steps=1000,
+        save_strategy="no",
+        use_cpu=device.type == "cpu",
+        bf16=False,  # bf16 weights, no autocast, as ours
+        max_length=None,
+        padding_free=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        model_init_kwargs={"dtype": DTYPES[a.dtype]},
+    )
+    trainer = DPOTrainer(
+        model=str(a.checkpoint),
+        args=cfg,
+        processing_class=processor,
+        train_dataset=datasets.Dataset.from_list(rows),
+        peft_config=peft_lora(),
+        callbacks=[clock],
+    )
+    trainer.remove_callback(PrinterCallback)  # its end-of-training print of the log
+    trainer.train()
+    elapsed = clock.stamps[-1] - clock.stamps[0]
+    result = {
+        "samples_per_s": a.batch * a.steps / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "peak_bytes": probe.stop(),
+        "peak_rss": probe.peak_rss,
+    }
+    trainer.accelerator.free_memory()
+    del trainer
+    gc.collect()
+    return result
+
+
+def summary(reps: list[dict], n_params: int, device: torch.device) -> dict:
+    out = {k: statistics.median(r[k] for r in reps) for k in ("samples_per_s", "tokens_per_s", "peak_bytes")}
+    out["peak_rss"] = statistics.median(r["peak_rss"] for r in reps) if device.type == "cpu" else None
+    out["runs"] = [r["samples_per_s"] for r in reps]
+    out["mfu"] = mfu(out["tokens_per_s"], n_params, device)
+    return out
+
+
+def table(rows: dict[str, dict]) -> None:
+    print(f"{'trainer':<16}{'pairs/s':>9}{'tokens/s/dev':>14}{'peak MiB':>10}{'MFU':>7}   pairs/s per run")
+    for name, r in rows.items():
+        share = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
+        runs = ", ".join(f"{x:.3f}" for x in r["runs"])
+        print(
+            f"{name:<16}{r['samples_per_s']:>9.3f}{r['tokens_per_s']:>14.1f}{r['peak_bytes'] / 2**20:>10.0f}"
+            f"{share:>7}   {runs}"
+        )
 
 
 if __name__ == "__main__":
