@@ -173,11 +173,25 @@ class Runtime:
         return f"zero{self.zero_stage}" if self.backend == "deepspeed" else self.backend
 
     # -- preparing ------------------------------------------------------------------------------
+    @property
+    def partitions_at_load(self) -> bool:
+        """Whether checkpoints load partitioned (ZeRO-3): each rank holds only its share of the weights
+        from the first moment, never the whole model."""
+        return self.backend == "deepspeed" and self.zero_stage == 3
+
     @contextlib.contextmanager
-    def model_init(self) -> Iterator[None]:
-        """Build models whole on every rank: transformers' ZeRO-3 init (on whenever the DeepSpeed
-        config says stage 3) breaks random-weight builds; `deepspeed.initialize` partitions later."""
+    def model_init(self, partitioned: bool = False) -> Iterator[None]:
+        """Where models are built. `partitioned` under ZeRO-3: `from_pretrained` runs inside
+        `deepspeed.zero.Init` (transformers' own ZeRO-3 path): parameters are partitioned as they are
+        created, then filled module by module from the checkpoint, which rank 0 reads memory-mapped,
+        each module gathered only while it is filled. Otherwise models are built whole on every rank:
+        transformers' ZeRO-3 init of random weights differs from the plain one, so the built-in model's
+        weights would depend on the engine; `deepspeed.initialize` partitions it later."""
         if self.backend != "deepspeed":
+            yield
+            return
+        if partitioned and self.zero_stage == 3:
+            self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
             yield
             return
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -353,8 +367,19 @@ class Runtime:
             state = get_model_state_dict(
                 model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
+        elif self.backend == "deepspeed" and self.zero_stage == 3 and trainable_only:
+            import deepspeed
+
+            # only the adapters are gathered, never the frozen base
+            named = [
+                (n.removeprefix("module."), p)
+                for n, p in self.unwrap(model).named_parameters()
+                if p.requires_grad
+            ]
+            with deepspeed.zero.GatheredParameters([p for _, p in named]):
+                return {n: p.detach().cpu().clone() for n, p in named} if self.is_main else {}
         elif self.backend == "deepspeed":
-            state = self.accelerator.get_state_dict(model)
+            state = self.accelerator.get_state_dict(model) or {}  # None on the other ranks under ZeRO-3
         else:
             state = self.unwrap(model).state_dict() if self.is_main else {}
         if trainable_only:
@@ -568,6 +593,10 @@ class Runtime:
             total += n
             trainable += n if p.requires_grad else 0
         return total, trainable
+
+    def parameter_bytes(self, model: torch.nn.Module) -> int:
+        """Bytes of the whole model's parameters, whatever the sharding (what one rank would hold unsharded)."""
+        return sum(math.prod(s.shape) * s.local.element_size() for s in self.local_shards(model))
 
     def peak_memory_bytes(self) -> int:
         """This rank's peak memory since start: CUDA's max allocated, or the process's peak resident set."""

@@ -39,13 +39,14 @@ from pathlib import Path
 import torch
 
 from rlalign.bench.arch import ARCHES, bench_checkpoint
-from rlalign.bench.measure import PeakProbe, bench_device, mfu
+from rlalign.bench.measure import bench_device, mfu
 from rlalign.config.schema import DataConfig, TinyModelConfig
 from rlalign.data.preference import PreferenceCollator, PreferencePairs, shapes_preferences
 from rlalign.models.tiny import build_tiny_llava
 from rlalign.objectives.dpo import DPOConfig, DPOObjective
 from rlalign.objectives.rdpo import RDPOConfig, RDPOObjective
 from rlalign.shapes import ShapesConfig
+from rlalign.utils.memory import PeakMemory
 from rlalign.utils.tensors import to_device
 
 
@@ -331,7 +332,7 @@ def ours(a: argparse.Namespace, runtime, recipe, data, tokens: int) -> dict:
     )
     reference.attach(model)
     ctx = StepContext(model, objective, opt, sched, runtime, reference, max_grad_norm=1.0)
-    probe = PeakProbe(runtime.device)
+    probe = PeakMemory(runtime.device, interval=0.01)
     started = 0.0
     for step in range(a.steps + 1):
         if step == 1:
@@ -366,7 +367,7 @@ def peer(a: argparse.Namespace, device: torch.device, processor, rows: list[dict
     from rlalign.bench.arch import peft_lora
     from rlalign.models.builder import DTYPES
 
-    probe = PeakProbe(device)
+    probe = PeakMemory(device, interval=0.01)
 
     class Clock(TrainerCallback):
         stamps: list[float] = []

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from rlalign.bench.arch import ARCHES, bench_checkpoint
-from rlalign.bench.measure import PeakProbe, bench_device, mfu
+from rlalign.bench.measure import bench_device, mfu
+from rlalign.utils.memory import PeakMemory
 
 CHAT = (
     "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
@@ -105,7 +106,7 @@ def ours(a: argparse.Namespace, runtime) -> dict:
     )
     reference.attach(model)
     ctx = StepContext(model, objective, opt, sched, runtime, reference, max_grad_norm=1.0)
-    probe = PeakProbe(runtime.device)
+    probe = PeakMemory(runtime.device, interval=0.01)
     times, lengths, tokens = [], [], []
     for step in range(a.steps + 1):
         window = [
@@ -168,7 +169,7 @@ def peer(a: argparse.Namespace, device: torch.device) -> dict:
     def reward(completions, image_id, **kw):
         return cider([str(c) for c in completions], image_id).tolist()
 
-    probe = PeakProbe(device)
+    probe = PeakMemory(device, interval=0.01)
 
     class Clock(TrainerCallback):
         stamps: list[float] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -105,6 +105,16 @@ def build_policy(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torc
     return model, processor
 
 
+def load_reference(cfg: ModelConfig, data: DataConfig | None = None) -> torch.nn.Module:
+    """The `copy` reference loaded from the checkpoint again, as the policy starts: the base model with
+    dropout off as in the policy. A fresh LoRA adapter adds nothing (its B matrices are zero), so the
+    base alone computes what the initial policy computes."""
+    model, _ = load_base(cfg, data)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
 def disable_dropout(model: torch.nn.Module) -> int:
     """Every dropout probability of `model` set to 0 (as TRL's `disable_dropout_in_model`), also those HF
     attention modules keep as plain floats (`attention_dropout`, `dropout`) and apply functionally in
@@ -138,11 +148,19 @@ class ReferenceModel:
         self.forward_calls = 0
 
     @classmethod
-    def build(cls, mode: str, initial_policy: torch.nn.Module, runtime: Any) -> ReferenceModel:
-        """Call before the policy is prepared: `copy` snapshots the initial weights."""
+    def build(
+        cls,
+        mode: str,
+        initial_policy: torch.nn.Module,
+        runtime: Any,
+        load: Callable[[], torch.nn.Module] | None = None,
+    ) -> ReferenceModel:
+        """Call before the policy is prepared: `copy` snapshots the initial weights, or, given `load`,
+        loads them again (a policy partitioned at load cannot be copied whole)."""
         ref = cls(mode, initial_policy, runtime)
         if mode == "copy":
-            ref.model = runtime.prepare_frozen(copy.deepcopy(runtime.unwrap(initial_policy)))
+            model = load() if load is not None else copy.deepcopy(runtime.unwrap(initial_policy))
+            ref.model = runtime.prepare_frozen(model)
         return ref
 
     def attach(self, prepared_policy: torch.nn.Module) -> None:

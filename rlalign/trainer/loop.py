@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rlalign.config import Recipe, RecipeError, dump_recipe, recipe_to_dict
 from rlalign.data import build_data
 from rlalign.data.preference import PreferenceCollator
-from rlalign.models.builder import ReferenceModel, build_policy
+from rlalign.models.builder import BUILTIN_TINY, ReferenceModel, build_policy, load_reference
 from rlalign.objectives import build_objective, is_rollout
 from rlalign.runtime import Runtime, StepOutcome
 from rlalign.tracking import make_tracker, wandb_mode
@@ -30,6 +30,7 @@ from rlalign.trainer.checkpoint import Checkpointer, TrainState, data_order
 from rlalign.trainer.data import budget_groups, split_to, step_loader
 from rlalign.trainer.evaluation import evaluate_sharded, nll_measure, objective_measure
 from rlalign.utils.io import atomic_write_text
+from rlalign.utils.memory import PeakMemory
 from rlalign.utils.tensors import to_device
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,8 @@ def export_final(model, processor, runtime: Runtime, recipe: Recipe, out: Path) 
         if recipe.model.lora is not None:
             # one more copy of the model (base + adapters, loaded once), the trained state put in, the
             # adapters merged into the base weights: the plain model of the family, no PEFT wrapper
-            peft_model, _ = build_policy(recipe.model, recipe.data)
+            with runtime.model_init():  # whole, on this rank alone (not ZeRO-3's collective init)
+                peft_model, _ = build_policy(recipe.model, recipe.data)
             peft_model.load_state_dict(state)
             bare = peft_model.merge_and_unload()
             state = bare.state_dict()
@@ -224,8 +226,32 @@ def write_pid(out: Path, rank: int) -> None:
     (folder / f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
 
 
-def write_run_info(out: Path, runtime: Runtime, model: torch.nn.Module, collate: Any = None) -> None:
-    """What really runs (engine, wrapper class, share of parameters per rank): a silent fallback shows here."""
+def build_models(recipe: Recipe, runtime: Runtime) -> tuple[torch.nn.Module, Any, ReferenceModel, dict]:
+    """The policy, its processor and the reference, and what loading them cost: per model, the parameter
+    bytes of the whole model and each rank's peak memory while it loaded (`utils.memory.PeakMemory`).
+    Under ZeRO-3 a checkpoint loads partitioned (`Runtime.model_init`), and the `copy` reference is
+    loaded again, partitioned, instead of copied."""
+    partitioned = runtime.partitions_at_load and recipe.model.name_or_path != BUILTIN_TINY
+    with runtime.model_init(partitioned), PeakMemory(runtime.device) as policy_load:
+        policy, processor = build_policy(recipe.model, recipe.data)
+    load = (lambda: load_reference(recipe.model, recipe.data)) if partitioned else None
+    with runtime.model_init(partitioned), PeakMemory(runtime.device) as reference_load:
+        reference = ReferenceModel.build(recipe.model.reference, policy, runtime, load=load)
+    loads = {"policy": (policy, policy_load)}
+    if reference.model is not None:
+        loads["reference"] = (reference.model, reference_load)
+    loading = {"partitioned": partitioned}
+    for name, (model, probe) in loads.items():
+        peaks = runtime.all_gather_object(probe.added)
+        loading[name] = {"parameter_bytes": runtime.parameter_bytes(model), "peak_bytes_per_rank": peaks}
+    return policy, processor, reference, loading
+
+
+def write_run_info(
+    out: Path, runtime: Runtime, model: torch.nn.Module, collate: Any = None, loading: dict | None = None
+) -> None:
+    """What really runs (engine, wrapper class, share of parameters per rank): a silent fallback shows here;
+    `loading` (from `build_models`) adds what loading the models cost."""
     fractions = torch.zeros(runtime.world_size, dtype=torch.float64)
     fractions[runtime.rank] = runtime.local_param_fraction(model)
     fractions = runtime.all_reduce(fractions)
@@ -241,6 +267,8 @@ def write_run_info(out: Path, runtime: Runtime, model: torch.nn.Module, collate:
             "trainable_parameters": trainable,
             "device": str(runtime.device),
         }
+        if loading is not None:
+            info["loading"] = loading
         if isinstance(collate, PreferenceCollator):
             info["preference_rows"] = (
                 "packed" if collate.packed else "unpacked (image encoded once per response)"
@@ -304,10 +332,8 @@ def train(recipe: Recipe) -> Path:
         log_with="wandb" if wandb_mode(recipe.tracking) else None,
     )
     set_seed(t.seed)
-    with runtime.model_init():
-        policy, processor = build_policy(recipe.model, recipe.data)
+    policy, processor, reference, loading = build_models(recipe, runtime)
     objective = build_objective(recipe, processor)
-    reference = ReferenceModel.build(recipe.model.reference, policy, runtime)
     data = build_data(objective.data_kind, recipe, processor, objective)
     train_set = data.train
     o = recipe.optim
@@ -330,7 +356,7 @@ def train(recipe: Recipe) -> Path:
         state = ckpt.load(resume_from, model, optimizer, scheduler)
     tracker = make_tracker(recipe.tracking, out, runtime.accelerator, recipe_to_dict(recipe))
     tracker.truncate_after(state.step)
-    write_run_info(out, runtime, model, data.collate)
+    write_run_info(out, runtime, model, data.collate, loading)
     if runtime.is_main:
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
         log.info(
