@@ -1,9 +1,11 @@
-"""Data order is a pure function of the step: layouts that share a global batch see the same samples."""
+"""Data order is a pure function of the step: layouts that share a global batch see the same samples; the
+rollout sampler moves nothing between host and device per token."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlalign.trainer.data import StepSampler, eval_shard
 
@@ -65,3 +67,43 @@ def test_sampler_draws_on_the_device_without_copies():
     copies = [n for n in names if "memcpy" in n and ("htod" in n or "dtoh" in n)]
     assert not copies, copies
     assert out.shape == scores.shape
+
+
+class DeviceTraffic(TorchDispatchMode):
+    """Every op that moves data between devices or to the host: copies whose source and destination devices
+    differ, a tensor created off the scores' device, a scalar read back (`.item()`, a Python `bool`)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device, self.moves = device, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        tensors = [
+            t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)
+        ]
+        if "_local_scalar_dense" in name or any(t.device != self.device for t in tensors):
+            self.moves.append(name)
+        return out
+
+
+@pytest.mark.parametrize("top", [{}, {"top_k": 50, "top_p": 0.9}], ids=["plain", "top-k-top-p"])
+def test_sampler_moves_nothing_between_devices_per_token(top):
+    """The CPU check of the same property: with the process's default device elsewhere (meta), ten sampling
+    calls create every tensor on the scores' device and read nothing back to the host. Noise drawn with the
+    default device and moved to the scores (what the sampler did before) is caught here."""
+    from rlalign.config.schema import RolloutConfig
+    from rlalign.rollout.sampling import SeededSampler
+
+    scores = torch.randn(6, 500)
+    ids = torch.zeros(6, 3, dtype=torch.long)
+    sampler = SeededSampler(list(range(6)), RolloutConfig(**top), banned=[0, 7])
+    first = sampler(ids, scores)  # creates the generators and the banned-token index, once
+    traffic = DeviceTraffic(scores.device)
+    with torch.device("meta"), traffic:
+        for _ in range(10):
+            out = sampler(ids, scores)
+    assert traffic.moves == []
+    assert out.device == scores.device and (out == 0).sum(1).tolist() == [1] * 6
+    assert (first == 0).sum(1).tolist() == [1] * 6
