@@ -175,9 +175,40 @@ class Runtime:
     # -- preparing ------------------------------------------------------------------------------
     @property
     def partitions_at_load(self) -> bool:
-        """Whether checkpoints load partitioned (ZeRO-3): each rank holds only its share of the weights
-        from the first moment, never the whole model."""
-        return self.backend == "deepspeed" and self.zero_stage == 3
+        """Whether checkpoints load partitioned (ZeRO-3 inside `model_init`, FSDP2 through `shard_at_load`):
+        each rank holds only its share of the weights from the first moment, never the whole model."""
+        return (self.backend == "deepspeed" and self.zero_stage == 3) or self.backend == "fsdp2"
+
+    def shard_at_load(self, *, frozen: bool) -> Callable[[torch.nn.Module], None] | None:
+        """FSDP2: what shards a model built on the meta device (as `prepare`, or `prepare_frozen` when
+        `frozen`, would shard it) and allocates this rank's shards, for `models.sharded_load` to fill;
+        None on the other backends."""
+        if self.backend != "fsdp2":
+            return None
+
+        def shard(model: torch.nn.Module) -> None:
+            self._shard(model, frozen=frozen)
+            model.to_empty(device=self.device)
+
+        return shard
+
+    def loaded_partitioned(self, model: torch.nn.Module) -> bool:
+        """Whether `model`, loaded with `partitions_at_load`, really is: under FSDP2 a checkpoint that
+        cannot be filled shard by shard is loaded whole (with a warning) and sharded in `prepare`."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return self.backend != "fsdp2" or isinstance(model, FSDPModule)
+
+    def _shard(self, model: torch.nn.Module, *, frozen: bool) -> None:
+        """FSDP2's `fully_shard`, once: a model sharded at load is left as it is."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            return
+        reshard = True if frozen else self.cfg.fsdp_reshard_after_forward
+        shard_fsdp2(
+            model, self.world_size, self.device, reshard=reshard, mixed_precision=self.cfg.mixed_precision
+        )
 
     @contextlib.contextmanager
     def model_init(self, partitioned: bool = False) -> Iterator[None]:
@@ -213,13 +244,7 @@ class Runtime:
         """Shard the model, then build the optimizer over the parameters that really train
         (FSDP2 replaces parameters with DTensors) and the scheduler over the bare optimizer."""
         if self.backend == "fsdp2":
-            shard_fsdp2(
-                model,
-                self.world_size,
-                self.device,
-                reshard=self.cfg.fsdp_reshard_after_forward,
-                mixed_precision=self.cfg.mixed_precision,
-            )
+            self._shard(model, frozen=False)
             optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
             return model, optimizer, make_scheduler(optimizer)
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
@@ -236,9 +261,7 @@ class Runtime:
         """A frozen model (the reference) sharded like the policy, in eval mode."""
         model.requires_grad_(False).eval()
         if self.backend == "fsdp2":
-            shard_fsdp2(
-                model, self.world_size, self.device, reshard=True, mixed_precision=self.cfg.mixed_precision
-            )
+            self._shard(model, frozen=True)
             return model
         if self.backend == "deepspeed" and self.zero_stage == 3:
             import deepspeed
@@ -665,11 +688,13 @@ def _zero3_hooks_detached(engine: Any) -> Iterator[None]:
 def shard_fsdp2(
     model: torch.nn.Module, world_size: int, device: torch.device, *, reshard: bool, mixed_precision: str
 ) -> None:
-    """`fully_shard` every transformer block named in `_no_split_modules`, then the root."""
+    """`fully_shard` every transformer block named in `_no_split_modules`, then the root. A model on the
+    meta device stays there (`Runtime.shard_at_load` allocates its shards afterwards)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model.to(device)
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(device)
     mesh = init_device_mesh(device.type, (world_size,))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     mp = (

@@ -95,6 +95,36 @@ def losses(out: Path) -> list[float]:
     return [m["loss"] for m in metrics(out)]
 
 
+LIVE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+"""glibc returns freed blocks at once: the resident set then counts live memory only (`utils.memory`)."""
+
+
+def assert_loaded_partitioned(single: Path, ours: Path, engine: str) -> None:
+    """`ours` (2 processes under `engine`) loaded its checkpoint partitioned: each rank peaked at about half
+    the parameter bytes for the policy and the reference, where `single` (one process) held them whole;
+    then both trained alike, step by step."""
+    whole = json.loads((single / "run_info.json").read_text())["loading"]
+    info = json.loads((ours / "run_info.json").read_text())
+    assert (info["engine"], info["world_size"]) == (engine, 2)
+    loading = info["loading"]
+    assert (whole["partitioned"], loading["partitioned"]) == (False, True)
+    for name in ("policy", "reference"):
+        params = loading[name]["parameter_bytes"]
+        assert params == whole[name]["parameter_bytes"] > 5e8
+        # the probe sees a whole load: one process holds the whole model (and the reference is its copy)
+        assert whole[name]["peak_bytes_per_rank"][0] / params > 0.95, whole
+        # partitioned: half per rank, plus what is being filled at the time and the loader's own allocations
+        fractions = [peak / params for peak in loading[name]["peak_bytes_per_rank"]]
+        assert len(fractions) == 2 and all(0.45 < f <= 0.6 for f in fractions), (name, fractions)
+    # the partitions hold the checkpoint's weights: the runs agree step by step (margins are 0.1 x differences
+    # of log-probs near -130 summed in float32 in another order: 1e-4 absolute is 1e-6 of those)
+    keys = ("loss", "grad_norm", "rewards/margins", "val/loss", "val/logps/chosen")
+    assert len(metrics(ours)) == 2 and "val/loss" in metrics(ours)[-1]
+    for a, b in zip(metrics(ours), metrics(single), strict=True):
+        present = [k for k in keys if k in b]
+        assert [a.get(k) for k in present] == pytest.approx([b[k] for k in present], rel=1e-4, abs=1e-4)
+
+
 @pytest.fixture(scope="session")
 def single_run(tmp_path_factory) -> Path:
     """The single-process reference: tiny recipe, global batch 4, 5 steps."""

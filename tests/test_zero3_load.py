@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch_cmd, make_env, metrics, rlalign, run
+from conftest import LIVE_MEMORY, assert_loaded_partitioned, launch_cmd, make_env, metrics, rlalign, run
 from safetensors.torch import load_file
 
 from rlalign.config.schema import TinyModelConfig
@@ -27,7 +27,6 @@ from rlalign.shapes import ShapesConfig
 pytestmark = pytest.mark.distributed
 
 RECIPE = "recipes/test/tiny-dpo.yaml"
-LIVE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def single_and_zero3(tmp_path: Path, common: list[str], env: dict) -> tuple[Path, Path]:
@@ -50,26 +49,7 @@ def test_zero3_loads_partitioned_and_trains_as_the_whole_model(tmp_path):
     # lr 1e-5: Adam turns float-noise gradient differences on near-zero gradients into lr-sized updates
     common = [f"model.name_or_path={ckpt}", "trainer.max_steps=2", "optim.lr=1e-5"]
     single, zero3 = single_and_zero3(tmp_path, common, make_env(**LIVE_MEMORY))
-    whole = json.loads((single / "run_info.json").read_text())["loading"]
-    info = json.loads((zero3 / "run_info.json").read_text())
-    assert (info["engine"], info["world_size"]) == ("zero3", 2)
-    loading = info["loading"]
-    assert (whole["partitioned"], loading["partitioned"]) == (False, True)
-    for name in ("policy", "reference"):
-        params = loading[name]["parameter_bytes"]
-        assert params == whole[name]["parameter_bytes"] > 5e8
-        # the probe sees a whole load: one process holds the whole model (and the reference is its copy)
-        assert whole[name]["peak_bytes_per_rank"][0] / params > 0.95, whole
-        # partitioned: half per rank, plus one module at a time and the loader's own allocations
-        fractions = [peak / params for peak in loading[name]["peak_bytes_per_rank"]]
-        assert len(fractions) == 2 and all(0.45 < f <= 0.6 for f in fractions), (name, fractions)
-    # the partitions hold the checkpoint's weights: the runs agree step by step (margins are 0.1 x differences
-    # of log-probs near -130 summed in float32 in another order: 1e-4 absolute is 1e-6 of those)
-    keys = ("loss", "grad_norm", "rewards/margins", "val/loss", "val/logps/chosen")
-    assert len(metrics(zero3)) == 2 and "val/loss" in metrics(zero3)[-1]
-    for a, b in zip(metrics(zero3), metrics(single), strict=True):
-        present = [k for k in keys if k in b]
-        assert [a.get(k) for k in present] == pytest.approx([b[k] for k in present], rel=1e-4, abs=1e-4)
+    assert_loaded_partitioned(single, zero3, "zero3")
 
 
 def test_lora_from_a_checkpoint_under_zero3_matches_one_process(tmp_path):

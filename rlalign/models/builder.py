@@ -7,6 +7,7 @@ gradient checkpointing, a frozen vision tower, LoRA through peft, dropout off (`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator
@@ -16,6 +17,14 @@ import torch
 
 from rlalign.config import RecipeError
 from rlalign.config.schema import DataConfig, ModelConfig
+from rlalign.models.sharded_load import (
+    Sources,
+    WholeLoadNeeded,
+    checkpoint_sources,
+    cpu_placeholders,
+    empty_model,
+    shard_and_fill,
+)
 from rlalign.models.tiny import build_tiny_llava
 from rlalign.shapes import ShapesConfig
 
@@ -27,10 +36,15 @@ LORA_INIT_SEED = 0
 """Seed of the LoRA adapters' initial weights for hub / local checkpoints (the built-in model uses its init_seed)."""
 # Submodule names that hold the vision side across the HF families we load.
 VISION_MODULES = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "connector", "merger")
+Shard = Callable[[torch.nn.Module], None]
+"""Shards a model built on the meta device and allocates this rank's shards (`Runtime.shard_at_load`)."""
 
 
-def load_base(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torch.nn.Module, Any]:
-    """The bare pretrained (or built-in) model and processor, before LoRA/freezing."""
+def load_base(
+    cfg: ModelConfig, data: DataConfig | None = None, *, empty: bool = False
+) -> tuple[torch.nn.Module, Any]:
+    """The bare pretrained (or built-in) model and processor, before LoRA/freezing; `empty`: a checkpoint's
+    model with its parameters on the meta device (`sharded_load.empty_model`), to be filled once sharded."""
     if cfg.name_or_path == BUILTIN_TINY:
         shapes = ShapesConfig(seed=data.seed if data else 0, image_size=data.image_size if data else 48)
         model, processor = build_tiny_llava(cfg.tiny, shapes)
@@ -42,16 +56,40 @@ def load_base(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torch.n
 
     try:
         processor = load_processor(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForImageTextToText.from_pretrained(
-            cfg.name_or_path,
-            dtype=DTYPES[cfg.dtype],
-            trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation,
-        )
+        if empty:
+            model = empty_model(
+                cfg.name_or_path,
+                DTYPES[cfg.dtype],
+                trust_remote_code=cfg.trust_remote_code,
+                attn=cfg.attn_implementation,
+            )
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(
+                cfg.name_or_path,
+                dtype=DTYPES[cfg.dtype],
+                trust_remote_code=cfg.trust_remote_code,
+                attn_implementation=cfg.attn_implementation,
+            )
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RecipeError(f"model.name_or_path: '{cfg.name_or_path}': could not load ({first})") from None
     return model, processor
+
+
+def load_unsharded(
+    cfg: ModelConfig, data: DataConfig | None, shard: Shard | None
+) -> tuple[torch.nn.Module, Any, Sources | None]:
+    """`load_base`, or, given `shard`, the model on the meta device and where its checkpoint tensors are
+    (`shard_and_fill` fills it once LoRA and the rest are applied); loaded whole, with a warning, where the
+    checkpoint cannot be filled shard by shard."""
+    if shard is None:
+        return (*load_base(cfg, data), None)
+    model, processor = load_base(cfg, data, empty=True)
+    try:
+        return model, processor, checkpoint_sources(model, cfg.name_or_path)
+    except WholeLoadNeeded as why:
+        log.warning("model.name_or_path: %s: loading the whole model on every rank, sharded afterwards", why)
+        return (*load_base(cfg, data), None)
 
 
 # peft `exclude_modules` pattern (full match on the module name) for everything under a vision module.
@@ -66,9 +104,12 @@ def vision_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
-def build_policy(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torch.nn.Module, Any]:
-    """The trainable policy: base model + freezing + gradient checkpointing + LoRA, in train mode."""
-    model, processor = load_base(cfg, data)
+def build_policy(
+    cfg: ModelConfig, data: DataConfig | None = None, shard: Shard | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """The trainable policy: base model + freezing + gradient checkpointing + LoRA, in train mode; given
+    `shard`, built on the meta device, then sharded and filled from the checkpoint (`models.sharded_load`)."""
+    model, processor, sources = load_unsharded(cfg, data, shard)
     if cfg.freeze_vision:
         frozen = vision_parameters(model)
         if not frozen:
@@ -96,22 +137,29 @@ def build_policy(cfg: ModelConfig, data: DataConfig | None = None) -> tuple[torc
         # Adapter A matrices are random: seed them so every rank and every run starts from the same adapter
         # (FSDP2 shards each rank's own copy, it does not broadcast rank 0's).
         seed = cfg.tiny.init_seed if cfg.name_or_path == BUILTIN_TINY else LORA_INIT_SEED
-        with torch.random.fork_rng(devices=[]):
+        stand_ins = cpu_placeholders(model) if sources is not None else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[]), stand_ins:
             torch.manual_seed(seed)
             model = get_peft_model(model, lora)
     if cfg.disable_dropout:
         log.info("model.disable_dropout: %d dropout probabilities set to 0", disable_dropout(model))
     model.train()
+    if sources is not None:
+        shard_and_fill(model, sources, shard)
     return model, processor
 
 
-def load_reference(cfg: ModelConfig, data: DataConfig | None = None) -> torch.nn.Module:
+def load_reference(
+    cfg: ModelConfig, data: DataConfig | None = None, shard: Shard | None = None
+) -> torch.nn.Module:
     """The `copy` reference loaded from the checkpoint again, as the policy starts: the base model with
-    dropout off as in the policy. A fresh LoRA adapter adds nothing (its B matrices are zero), so the
-    base alone computes what the initial policy computes."""
-    model, _ = load_base(cfg, data)
+    dropout off as in the policy (sharded as it loads, given `shard`). A fresh LoRA adapter adds nothing
+    (its B matrices are zero), so the base alone computes what the initial policy computes."""
+    model, _, sources = load_unsharded(cfg, data, shard)
     if cfg.disable_dropout:
         disable_dropout(model)
+    if sources is not None:
+        shard_and_fill(model, sources, shard)
     return model
 
 

@@ -229,12 +229,19 @@ def write_pid(out: Path, rank: int) -> None:
 def build_models(recipe: Recipe, runtime: Runtime) -> tuple[torch.nn.Module, Any, ReferenceModel, dict]:
     """The policy, its processor and the reference, and what loading them cost: per model, the parameter
     bytes of the whole model and each rank's peak memory while it loaded (`utils.memory.PeakMemory`).
-    Under ZeRO-3 a checkpoint loads partitioned (`Runtime.model_init`), and the `copy` reference is
-    loaded again, partitioned, instead of copied."""
-    partitioned = runtime.partitions_at_load and recipe.model.name_or_path != BUILTIN_TINY
+    Under ZeRO-3 a checkpoint loads partitioned (`Runtime.model_init`), under FSDP2 sharded from the meta
+    device (`Runtime.shard_at_load`, `models.sharded_load`), and the `copy` reference is loaded again,
+    partitioned, instead of copied."""
+    m = recipe.model
+    partitioned = runtime.partitions_at_load and m.name_or_path != BUILTIN_TINY
+
+    def shard(frozen: bool):
+        return runtime.shard_at_load(frozen=frozen) if partitioned else None
+
     with runtime.model_init(partitioned), PeakMemory(runtime.device) as policy_load:
-        policy, processor = build_policy(recipe.model, recipe.data)
-    load = (lambda: load_reference(recipe.model, recipe.data)) if partitioned else None
+        policy, processor = build_policy(m, recipe.data, shard(False))
+    partitioned = partitioned and runtime.loaded_partitioned(policy)
+    load = (lambda: load_reference(m, recipe.data, shard(True))) if partitioned else None
     with runtime.model_init(partitioned), PeakMemory(runtime.device) as reference_load:
         reference = ReferenceModel.build(recipe.model.reference, policy, runtime, load=load)
     loads = {"policy": (policy, policy_load)}
