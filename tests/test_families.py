@@ -9,7 +9,9 @@ tests/families.py, float32):
   packed, and packing it would be wrong;
 - GRPO completion log-probs from the rollout path (generate G samples, repeat image inputs per image,
   split into minibatches) equal a plain forward of each prompt + completion alone;
-- DPO loss, rewards and every gradient equal TRL DPOTrainer's (its collator and loss).
+- DPO loss, rewards and every gradient equal TRL DPOTrainer's (its collator and loss);
+- the log-prob path (completion positions only, chunked) equals full logits + log_softmax in float64, values
+  and gradients.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from rlalign.data.collate import TOKEN_ALIGNED, encode_prompts, prompt_text
 from rlalign.data.preference import PreferenceCollator
 from rlalign.models.builder import load_base
 from rlalign.models.vision_inputs import images_per_row, repeat_rows, split_rows, take_rows
-from rlalign.rollout.engine import _sequences, _split, completion_logprobs
+from rlalign.rollout.engine import BUFFER_KEYS, _sequences, _split, completion_logprobs
 from rlalign.rollout.sampling import banned_tokens, completion_mask, sample_groups
+from rlalign.utils.tensors import model_inputs
 
 M_ROPE = ("qwen2_vl", "qwen2_5_vl")
 UNPACKED = ("gemma3",)
@@ -290,3 +293,44 @@ def test_sampling_bans_every_special_token_but_eos():
     image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
     assert image_pad not in tok.all_special_ids and image_pad in specials
     assert banned_tokens(tok) == sorted(specials - {tok.eos_token_id})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprob_path_equals_full_logits_in_float64(checkpoints, family):
+    """The log-prob path (logits at the completion positions only, chunked LM head + logsumexp, its own
+    backward) against the full-vocabulary logits + log_softmax of the same float64 forward: values and every
+    parameter's gradient to 1e-6, on 2 images x G = 2 sampled completions."""
+    model, processor = load_base(ModelConfig(name_or_path=str(checkpoints[family])))
+    model = model.double().eval()
+    tok, group = processor.tokenizer, 2
+    batch = {
+        k: v.double() if v.is_floating_point() else v
+        for k, v in encode_prompts(processor, images(), PROMPTS).items()
+    }
+    with torch.no_grad():
+        comp = sample_groups(model, batch, list(range(4)), group, RolloutConfig(max_new_tokens=5), tok)
+    mask = completion_mask(comp, tok.eos_token_id)
+    seqs = _sequences(batch, comp, mask, group)
+    L = mask.shape[1]
+
+    def grads(logp: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        (logp * mask).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours = completion_logprobs(model, seqs)[0]
+    ours_grads = grads(ours)
+    logits = model(**model_inputs(seqs, BUFFER_KEYS)).logits[:, -L - 1 : -1]
+    full = logits.log_softmax(-1).gather(-1, seqs["input_ids"][:, -L:, None])[..., 0]
+    full_grads = grads(full)
+    assert ours.dtype == full.dtype == torch.float64
+    torch.testing.assert_close(ours * mask, full * mask, rtol=0, atol=1e-6)
+    assert ours_grads.keys() == full_grads.keys() and len(ours_grads) > 5
+    worst = 0.0
+    for name, g in full_grads.items():
+        scale = max(1.0, float(g.abs().max()))
+        worst = max(worst, float((ours_grads[name] - g).abs().max()) / scale)
+        torch.testing.assert_close(ours_grads[name], g, rtol=0, atol=1e-6 * scale, msg=name)
+    print(
+        f"{family}: log-probs max |diff| {float(((ours - full) * mask).detach().abs().max()):.1e}, gradients {worst:.1e}"
+    )
