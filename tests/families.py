@@ -42,6 +42,8 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
+from rlalign.bench.arch import QWEN_SPECIALS
+
 CORPUS = [
     "a red circle on the left",
     "two blue squares at the top",
@@ -150,17 +152,7 @@ def save_llava(path: Path) -> None:
 
 
 def qwen_tokenizer() -> PreTrainedTokenizerFast:
-    specials = [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
-        "<unk>",
-    ]
-    return bpe(specials, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>")
+    return bpe(list(QWEN_SPECIALS), pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>")
 
 
 def qwen_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:

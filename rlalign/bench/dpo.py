@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from rlalign.bench.arch import ARCHES, bench_checkpoint
-from rlalign.bench.measure import bench_device, mfu
+from rlalign.bench.measure import bench_device, compared, summary
 from rlalign.config.schema import DataConfig, TinyModelConfig
 from rlalign.data.preference import PreferenceCollator, PreferencePairs, shapes_preferences
 from rlalign.models.tiny import build_tiny_llava
@@ -289,17 +289,7 @@ def real(a: argparse.Namespace) -> dict:
         "bench": "dpo",
         "peer": "trl",
         "arch": a.arch,
-        "ratio": round(mine["samples_per_s"] / theirs["samples_per_s"], 3),
-        "ours_samples_per_s": round(mine["samples_per_s"], 3),
-        "peer_samples_per_s": round(theirs["samples_per_s"], 3),
-        "ours_tokens_per_s_per_device": round(mine["tokens_per_s"], 1),
-        "peer_tokens_per_s_per_device": round(theirs["tokens_per_s"], 1),
-        "ours_peak_mem_bytes": int(mine["peak_bytes"]),
-        "peer_peak_mem_bytes": int(theirs["peak_bytes"]),
-        "ours_peak_rss_bytes": mine["peak_rss"] and int(mine["peak_rss"]),
-        "peer_peak_rss_bytes": theirs["peak_rss"] and int(theirs["peak_rss"]),
-        "ours_mfu": mine["mfu"] and round(mine["mfu"], 4),
-        "peer_mfu": theirs["mfu"] and round(theirs["mfu"], 4),
+        **compared(mine, theirs, digits=3),
         "device": device.type,
         "layers": a.layers,
         "vision_layers": a.vision_layers,
@@ -421,14 +411,6 @@ def peer(a: argparse.Namespace, device: torch.device, processor, rows: list[dict
     del trainer
     gc.collect()
     return result
-
-
-def summary(reps: list[dict], n_params: int, device: torch.device) -> dict:
-    out = {k: statistics.median(r[k] for r in reps) for k in ("samples_per_s", "tokens_per_s", "peak_bytes")}
-    out["peak_rss"] = statistics.median(r["peak_rss"] for r in reps) if device.type == "cpu" else None
-    out["runs"] = [r["samples_per_s"] for r in reps]
-    out["mfu"] = mfu(out["tokens_per_s"], n_params, device)
-    return out
 
 
 def table(rows: dict[str, dict]) -> None:

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from rlalign.bench.arch import ARCHES, bench_checkpoint
-from rlalign.bench.measure import bench_device, mfu
+from rlalign.bench.measure import bench_device, compared
+from rlalign.bench.measure import summary as measured
 from rlalign.utils.memory import PeakMemory
 
 CHAT = (
@@ -276,12 +277,9 @@ def table(rows: dict[str, dict], device: torch.device) -> None:
 
 
 def summary(reps: list[dict], n_params: int, device: torch.device) -> dict:
-    """Medians over repetitions; MFU from the median tokens/s (each sample is trained on UPDATES times)."""
-    out = {k: statistics.median(r[k] for r in reps) for k in ("samples_per_s", "tokens_per_s", "peak_bytes")}
-    out["peak_rss"] = statistics.median(r["peak_rss"] for r in reps) if device.type == "cpu" else None
+    """`measure.summary` (each sample is trained on UPDATES times) and the mean completion length."""
+    out = measured(reps, n_params, device, trained_per_token=UPDATES)
     out["length"] = statistics.mean(r["length"] for r in reps)
-    out["runs"] = [r["samples_per_s"] for r in reps]
-    out["mfu"] = mfu(UPDATES * out["tokens_per_s"], n_params, device)
     return out
 
 
@@ -311,17 +309,7 @@ def run(args: list[str] | None) -> dict:
         "bench": "grpo",
         "peer": "trl",
         "arch": a.arch,
-        "ratio": round(mine["samples_per_s"] / theirs["samples_per_s"], 3),
-        "ours_samples_per_s": round(mine["samples_per_s"], 2),
-        "peer_samples_per_s": round(theirs["samples_per_s"], 2),
-        "ours_tokens_per_s_per_device": round(mine["tokens_per_s"], 1),
-        "peer_tokens_per_s_per_device": round(theirs["tokens_per_s"], 1),
-        "ours_peak_mem_bytes": int(mine["peak_bytes"]),
-        "peer_peak_mem_bytes": int(theirs["peak_bytes"]),
-        "ours_peak_rss_bytes": mine["peak_rss"] and int(mine["peak_rss"]),
-        "peer_peak_rss_bytes": theirs["peak_rss"] and int(theirs["peak_rss"]),
-        "ours_mfu": mine["mfu"] and round(mine["mfu"], 4),
-        "peer_mfu": theirs["mfu"] and round(theirs["mfu"], 4),
+        **compared(mine, theirs, digits=2),
         "device": device.type,
         "images": a.images,
         "group": a.group,
